@@ -1,0 +1,390 @@
+"""Persisted outbox: results and forwarded instances wait here until a destination confirms them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.settings import DestinationSettings, Settings
+from dicom_io.scu import Peer, StoreResult, client_tls_context, send_instances
+from dicom_io.store import InstanceInfo, Store
+from node import status
+from node.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+PENDING = "pending"
+#: While a delivery attempt runs, its rows' next attempt is pushed this far out (a lease).
+_CLAIM_SECONDS = 300.0
+DELIVERED = "delivered"
+FAILED = "failed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL,
+    destination      TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'pending',
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt     REAL NOT NULL,
+    last_status      INTEGER,
+    last_error       TEXT NOT NULL DEFAULT '',
+    created          REAL NOT NULL,
+    delivered_at     REAL,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    id: int
+    sop_instance_uid: str
+    destination: str
+    path: Path
+    state: str
+    attempts: int
+    next_attempt: float
+    last_status: int | None
+    last_error: str
+    created: float
+    delivered_at: float | None
+
+
+def destination_peer(name: str, settings: Settings) -> Peer:
+    """The :class:`Peer` for a configured destination name.
+
+    Raises
+    ------
+    ConfigurationError
+        When ``name`` is not in ``settings.destinations``.
+    """
+    dest: DestinationSettings | None = settings.destinations.get(name)
+    if dest is None:
+        known = ", ".join(sorted(settings.destinations)) or "none configured"
+        raise ConfigurationError(f"Destination '{name}' is not configured (known: {known}).")
+    kind = getattr(dest, "kind", "dimse")
+    if kind != "dimse":
+        raise ConfigurationError(f"Destination '{name}' is of kind '{kind}', not a DIMSE peer.")
+    tls = client_tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key) if dest.tls else None
+    return Peer(
+        ae_title=dest.ae_title, host=dest.host, port=dest.port,
+        calling_ae_title=dest.calling_ae_title or settings.dimse.ae_title,
+        tls=tls, timeout=dest.timeout,
+    )
+
+
+class Outbox:
+    """Per-destination delivery queue persisted in SQLite; exactly one row per (SOP Instance UID, destination).
+
+    DIMSE destinations are sent to with :func:`dicom_io.scu.send_instances`; destinations of another
+    kind (``dicomweb``, ``xnat``) through :func:`node.archives.send_to_destination`, which reports the
+    same DIMSE status semantics, so they get the same retries.
+
+    A row is ``pending`` until the destination answers the C-STORE with success or a warning
+    (``delivered``), or refuses it for good / exhausts ``max_attempts`` (``failed``). No response
+    and transient refusals (0xA7xx, 0x0110) are retried with exponential backoff, across restarts.
+    Queuing the same instance for the same destination again is a no-op, so a result is sent
+    once; the only repeat is after a crash between the peer's answer and our commit, and then
+    with the same SOP Instance UID (the peer sees the same instance again, not a new one).
+
+    Parameters
+    ----------
+    path
+        SQLite file (created when missing).
+    settings
+        ``settings.outbox`` (backoff) and ``settings.destinations`` (peers).
+    store
+        When given, queued instances are held against retention and results are marked
+        delivered in the store.
+    peer_for
+        Maps a destination name to a :class:`Peer` (default: :func:`destination_peer`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        settings: Settings,
+        store: Store | None = None,
+        peer_for: Callable[[str], Peer] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.store = store
+        self.peer_for = peer_for or (lambda name: destination_peer(name, settings))
+        self._lock = threading.RLock()
+        self._deliver_lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a queued result must survive power loss
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(_SCHEMA)
+        self.wakeup = threading.Event()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- queueing -----------------------------------------------------------------------------
+
+    def enqueue(self, sop_instance_uid: str, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
+        """Queue one stored instance for each destination; returns the ids of newly queued rows.
+
+        Rows that already exist for (SOP Instance UID, destination) are left as they are.
+        """
+        now = time.time()
+        new: list[int] = []
+        with self._lock:
+            for dest in destinations:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO outbox (sop_instance_uid, destination, path, next_attempt, created) "
+                    "VALUES (?,?,?,?,?)",
+                    (sop_instance_uid, dest, str(path), now, now),
+                )
+                if cur.rowcount:
+                    new.append(int(cur.lastrowid or 0))
+                    if self.store is not None:
+                        self.store.hold(sop_instance_uid, f"outbox:{dest}")
+        if new:
+            logger.info("Queued %s for %s", sop_instance_uid, ", ".join(destinations))
+            self.wakeup.set()
+        return new
+
+    def enqueue_file(self, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
+        """Queue a DICOM file (its SOP Instance UID is read from the header)."""
+        info = InstanceInfo.from_file(path)
+        return self.enqueue(info.sop_instance_uid, path, destinations)
+
+    # --- inspection ---------------------------------------------------------------------------
+
+    def entries(self, state: str | None = None) -> list[OutboxEntry]:
+        sql, args = "SELECT * FROM outbox", ()
+        if state is not None:
+            sql, args = sql + " WHERE state=?", (state,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+        return [_entry(r) for r in rows]
+
+    def entry(self, sop_instance_uid: str, destination: str) -> OutboxEntry | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM outbox WHERE sop_instance_uid=? AND destination=?",
+                                   (sop_instance_uid, destination)).fetchone()
+        return _entry(row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def next_due(self) -> float | None:
+        """Time of the earliest pending attempt, or None when nothing is pending."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(next_attempt) FROM outbox WHERE state='pending'").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    # --- delivery -----------------------------------------------------------------------------
+
+    def deliver_due(self, now: float | None = None, only_ids: Iterable[int] | None = None) -> dict[str, int]:
+        """Try every pending row whose time has come (or ``only_ids``), one association per destination.
+
+        Returns
+        -------
+        dict
+            Counts of rows that became ``delivered``, ``failed`` or stayed ``pending`` (retry).
+        """
+        now = time.time() if now is None else now
+        counts = {DELIVERED: 0, FAILED: 0, PENDING: 0}
+        with self._deliver_lock:
+            with self._lock:
+                if only_ids is not None:
+                    ids = list(only_ids)
+                    rows = [r for i in ids for r in self._db.execute(
+                        "SELECT * FROM outbox WHERE id=? AND state='pending'", (i,)).fetchall()]
+                else:
+                    rows = self._db.execute(
+                        "SELECT * FROM outbox WHERE state='pending' AND next_attempt<=? ORDER BY id", (now,)
+                    ).fetchall()
+                # Claim the rows (push their next attempt out) so another process serving the same
+                # outbox does not send them at the same time.
+                claimed = []
+                for r in rows:
+                    cur = self._db.execute(
+                        "UPDATE outbox SET next_attempt=? WHERE id=? AND state='pending' AND next_attempt=?",
+                        (now + _CLAIM_SECONDS, r["id"], r["next_attempt"]),
+                    )
+                    if cur.rowcount:
+                        claimed.append(r)
+            by_dest: dict[str, list[OutboxEntry]] = defaultdict(list)
+            for r in claimed:
+                by_dest[r["destination"]].append(_entry(r))
+            for dest, entries in by_dest.items():
+                for state, n in self._deliver(dest, entries).items():
+                    counts[state] += n
+        return counts
+
+    def _deliver(self, dest: str, entries: list[OutboxEntry]) -> dict[str, int]:
+        counts = {DELIVERED: 0, FAILED: 0, PENDING: 0}
+        peer: Peer | None = None
+        try:
+            config = self.settings.destinations.get(dest)
+            if config is not None and getattr(config, "kind", "dimse") != "dimse":
+                peer = None  # delivered through node.archives below
+            else:
+                peer = self.peer_for(dest)
+        except (ConfigurationError, OSError, ValueError) as exc:
+            for e in entries:
+                counts[self._record(e, None, str(exc), permanent=True)] += 1
+            return counts
+        missing = [e for e in entries if not e.path.exists()]
+        for e in missing:
+            counts[self._record(e, None, f"file {e.path} no longer exists", permanent=True)] += 1
+        present = [e for e in entries if e.path.exists()]
+        if not present:
+            return counts
+        paths = [e.path for e in present]
+        if peer is None:  # a DICOMweb or XNAT archive: same status semantics, other transport
+            try:
+                from node.archives import send_to_destination
+
+                results: list[StoreResult] = list(send_to_destination(dest, self.settings, paths))
+            except ConfigurationError as exc:
+                for e in present:
+                    counts[self._record(e, None, str(exc), permanent=True)] += 1
+                return counts
+            except Exception as exc:  # a peer or network outcome: retry later
+                logger.warning("Delivery to %s failed: %s", dest, exc)
+                results = [StoreResult(str(p), e.sop_instance_uid, "", None, f"{type(exc).__name__}: {exc}")
+                           for p, e in zip(paths, present)]
+            if len(results) != len(present):
+                results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
+                           for p, e in zip(paths, present)]
+        else:
+            results = send_instances(peer, paths)
+        for e, res in zip(present, results):
+            counts[self._record(e, res.status, res.error)] += 1
+        logger.info("Outbox -> %s: %d delivered, %d failed, %d to retry",
+                    dest, counts[DELIVERED], counts[FAILED], counts[PENDING])
+        return counts
+
+    def _record(self, e: OutboxEntry, code: int | None, error: str, permanent: bool = False) -> str:
+        now = time.time()
+        attempts = e.attempts + 1
+        cfg = self.settings.outbox
+        if status.is_delivered(code):
+            state = DELIVERED
+        elif permanent or not status.is_retryable(code) or (cfg.max_attempts and attempts >= cfg.max_attempts):
+            state = FAILED
+        else:
+            state = PENDING
+        delay = min(cfg.retry_max_seconds, cfg.retry_base_seconds * (2 ** (attempts - 1)))
+        delay *= 1.0 + 0.1 * random.random()  # a little jitter so destinations are not hit in lockstep
+        text = error or ("" if code is None else status.describe(code))
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET state=?, attempts=?, next_attempt=?, last_status=?, last_error=?, delivered_at=? "
+                "WHERE id=?",
+                (state, attempts, now + delay, code, text, now if state == DELIVERED else None, e.id),
+            )
+        if state == DELIVERED and self.store is not None:
+            self._after_delivery(e)
+        if state == FAILED:
+            logger.error("Delivery of %s to %s failed for good after %d attempt(s): %s",
+                         e.sop_instance_uid, e.destination, attempts, text)
+        elif state == PENDING:
+            logger.warning("Delivery of %s to %s failed (attempt %d, %s); retrying in %.0f s",
+                           e.sop_instance_uid, e.destination, attempts, text or "no response", delay)
+        return state
+
+    def _after_delivery(self, e: OutboxEntry) -> None:
+        assert self.store is not None
+        self.store.release(e.sop_instance_uid, f"outbox:{e.destination}")
+        with self._lock:
+            left = self._db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE sop_instance_uid=? AND state!='delivered'", (e.sop_instance_uid,)
+            ).fetchone()[0]
+        if not left:
+            self.store.mark_delivered(e.sop_instance_uid)
+
+    def retry_failed(self, destination: str | None = None) -> int:
+        """Put ``failed`` rows back to ``pending`` (after fixing the cause); returns how many."""
+        sql = "UPDATE outbox SET state='pending', next_attempt=? WHERE state='failed'"
+        args: tuple[object, ...] = (time.time(),)
+        if destination:
+            sql += " AND destination=?"
+            args += (destination,)
+        with self._lock:
+            n = self._db.execute(sql, args).rowcount
+        self.wakeup.set()
+        return int(n)
+
+
+def _entry(r: sqlite3.Row) -> OutboxEntry:
+    return OutboxEntry(
+        r["id"], r["sop_instance_uid"], r["destination"], Path(r["path"]), r["state"], r["attempts"],
+        r["next_attempt"], r["last_status"], r["last_error"], r["created"], r["delivered_at"],
+    )
+
+
+class OutboxWorker:
+    """Background thread delivering due outbox rows; wakes on :meth:`Outbox.enqueue` or every poll."""
+
+    def __init__(self, outbox: Outbox, poll_seconds: float = 1.0) -> None:
+        self.outbox = outbox
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.outbox.wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.outbox.deliver_due()
+            except Exception:
+                logger.exception("Outbox delivery pass failed")
+            due = self.outbox.next_due()
+            wait = self.poll_seconds if due is None else max(0.05, min(self.poll_seconds, due - time.time()))
+            self.outbox.wakeup.wait(wait)
+            self.outbox.wakeup.clear()
+
+
+def queue_destinations(names: Iterable[str], settings: Settings) -> list[str]:
+    """Validate destination names against the settings; returns them de-duplicated in order.
+
+    Raises
+    ------
+    ConfigurationError
+        When a name is not configured.
+    """
+    out: list[str] = []
+    for name in names:
+        if name not in settings.destinations:
+            known = ", ".join(sorted(settings.destinations)) or "none configured"
+            raise ConfigurationError(f"Destination '{name}' is not configured (known: {known}).")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+__all__ = ["DELIVERED", "FAILED", "PENDING", "Outbox", "OutboxEntry", "OutboxWorker", "destination_peer",
+           "queue_destinations"]

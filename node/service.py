@@ -1,0 +1,156 @@
+"""The ``ainode serve`` runner: store, DIMSE listener, outbox worker, series watcher, retention."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from config.settings import Settings
+from dicom_io.store import Store
+from node.errors import StoreBusyError
+from node.events import SeriesCallback, SeriesWatcher, routing_callback
+from node.outbox import Outbox, OutboxWorker
+from node.scp import DimseServer
+
+logger = logging.getLogger(__name__)
+
+
+def open_store(settings: Settings, *, recover: bool = True) -> Store:
+    """The store configured in ``settings`` (recovered unless a node is serving it)."""
+    return Store.open(settings.store_path, recover=recover,
+                      min_free_bytes=int(settings.store.min_free_gb * 1024**3))
+
+
+def open_outbox(settings: Settings, store: Store | None) -> Outbox:
+    """The outbox configured in ``settings`` (``<data_dir>/outbox.sqlite``)."""
+    return Outbox(settings.data_path / "outbox.sqlite", settings, store)
+
+
+class NodeService:
+    """Everything ``ainode serve`` runs, startable and stoppable in-process (tests do that).
+
+    Parameters
+    ----------
+    settings
+        Node settings.
+    on_series_stable
+        Extra callbacks for :class:`~node.events.SeriesStable` events (embedding pre-computation later).
+    """
+
+    def __init__(self, settings: Settings, on_series_stable: tuple[SeriesCallback, ...] = ()) -> None:
+        self.settings = settings
+        self.extra_callbacks = on_series_stable
+        self.store: Store | None = None
+        self.outbox: Outbox | None = None
+        self.dimse: DimseServer | None = None
+        self.watcher: SeriesWatcher | None = None
+        self.worker: OutboxWorker | None = None
+        self.addresses: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._retention: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Open and recover the store, then start the listener and the background workers.
+
+        Raises
+        ------
+        StoreBusyError
+            When another node serves the same store.
+        node.errors.ConfigurationError
+            When the DIMSE settings are unusable (TLS files).
+        OSError
+            When the port cannot be bound.
+        """
+        s = self.settings
+        store = Store(s.store_path, min_free_bytes=int(s.store.min_free_gb * 1024**3))
+        if not store.acquire_owner_lock():
+            store.close()
+            raise StoreBusyError(f"Store {s.store_path} is already served by another ainode process.")
+        self.store = store
+        try:
+            report = store.recover()
+            logger.info("Store %s: %d instance(s) indexed (recovery: %d partial(s) removed, %d re-indexed)",
+                        s.store_path, store.count(), report.partials_removed, report.reindexed)
+            self.outbox = open_outbox(s, store)
+            self.watcher = SeriesWatcher(store, s.store.stable_after_seconds, s.store.stable_poll_seconds)
+            if s.routes:
+                self.watcher.subscribe(routing_callback(s, store, self.outbox.enqueue))
+            for cb in self.extra_callbacks:
+                self.watcher.subscribe(cb)
+            self.dimse = DimseServer(s, store)
+            self.addresses = self.dimse.start()
+            self.worker = OutboxWorker(self.outbox, s.outbox.poll_seconds)
+            self.worker.start()
+            self.watcher.start()
+            if s.store.retention_days or s.store.max_disk_gb:
+                self._retention = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
+                self._retention.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop accepting, finish background work and close the store (idempotent)."""
+        self._stop.set()
+        if self.dimse is not None:
+            self.dimse.stop()
+            self.dimse = None
+        for part in (self.watcher, self.worker):
+            if part is not None:
+                part.stop()
+        self.watcher = self.worker = None
+        if self._retention is not None:
+            self._retention.join(timeout=5)
+            self._retention = None
+        if self.outbox is not None:
+            self.outbox.close()
+            self.outbox = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def apply_retention(self) -> None:
+        s = self.settings.store
+        if self.store is None:
+            return
+        self.store.apply_retention(
+            max_age_seconds=s.retention_days * 86400 if s.retention_days else None,
+            max_bytes=int(s.max_disk_gb * 1024**3) if s.max_disk_gb else None,
+        )
+
+    def _retention_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.apply_retention()
+            except Exception:
+                logger.exception("Retention pass failed")
+            self._stop.wait(self.settings.store.retention_interval_seconds)
+
+
+def serve(settings: Settings) -> int:
+    """Run the node until SIGTERM or SIGINT; returns the process exit code."""
+    service = NodeService(settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("Received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service.start()
+        d = settings.dimse
+        logger.info("ainode serving: AE %s on %s; store %s", d.ae_title,
+                    ", ".join(f"{h}:{p}" for h, p in service.addresses), settings.store_path)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        t0 = time.perf_counter()
+        service.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        logger.info("ainode stopped in %.2f s", time.perf_counter() - t0)
+    return 0
