@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.netcli import add_parsers as _add_network_parsers
 
     _add_network_parsers(sub, _add_common)
+    from node.pullcli import add_parsers as _add_pull_parsers
+
+    _add_pull_parsers(sub, _add_common)
     return parser
 
 
@@ -123,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command in netcli.COMMANDS:
         return netcli.run(args, settings)
+    from node import pullcli
+
+    if args.command in pullcli.COMMANDS:
+        return pullcli.run(args, settings)
     parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first
     return EXIT_USAGE
 
@@ -241,6 +248,21 @@ def _cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
     timings.update(outcome.timings)
     _report(series, segmenter, outcome, timings)
     destinations = list(args.send) or list(settings.deliver_to)
+    if not destinations and outcome.seg_path:
+        # Unless configured otherwise, the result goes back to the archive the series came from.
+        from node.archives import Origins, result_destinations
+        from node.service import open_store
+
+        known = settings.data_path / "origins.sqlite"
+        origins = Origins(known) if known.exists() else None
+        store = open_store(settings, recover=False) if settings.store_path.exists() else None
+        try:
+            destinations = result_destinations(settings, series.series_instance_uid, origins, store)
+        finally:
+            if origins is not None:
+                origins.close()
+            if store is not None:
+                store.close()
     if destinations and outcome.seg_path:
         return deliver_files([outcome.seg_path], destinations, settings)
     return EXIT_OK

@@ -28,7 +28,7 @@ COMMANDS = ("serve", "ls", "send", "echo")
 def add_parsers(sub: argparse._SubParsersAction, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the ``serve``, ``ls``, ``send`` and ``echo`` subcommands."""
     serve = sub.add_parser(
-        "serve", help="run the node: DIMSE C-ECHO/C-STORE listener, durable store, outbox, series watcher",
+        "serve", help="run the node: DIMSE listener, HTTP (DICOMweb + REST API), durable store, outbox, series watcher",
         description="Run the node until SIGTERM or SIGINT. Settings come from --config / AINODE_* variables.",
     )
     serve.add_argument("--port", type=int, metavar="N", help="DIMSE port (overrides dimse.port)")

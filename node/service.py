@@ -1,4 +1,4 @@
-"""The ``ainode serve`` runner: store, DIMSE listener, outbox worker, series watcher, retention."""
+"""The ``ainode serve`` runner: store, DIMSE listener, HTTP (DICOMweb + REST API), outbox, series watcher, retention."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 from config.settings import Settings
 from dicom_io.store import Store
 from node.errors import StoreBusyError
+from node.app import HttpServer, create_app
 from node.events import SeriesCallback, SeriesWatcher, routing_callback
 from node.outbox import Outbox, OutboxWorker
 from node.scp import DimseServer
@@ -49,6 +51,10 @@ class NodeService:
         self.watcher: SeriesWatcher | None = None
         self.worker: OutboxWorker | None = None
         self.addresses: list[tuple[str, int]] = []
+        self.http: HttpServer | None = None
+        self.http_address: tuple[str, int] | None = None
+        #: The REST API's shared state (inference queues, sessions); None while HTTP is off.
+        self.api: Any = None
         self._stop = threading.Event()
         self._retention: threading.Thread | None = None
 
@@ -82,6 +88,15 @@ class NodeService:
                 self.watcher.subscribe(cb)
             self.dimse = DimseServer(s, store)
             self.addresses = self.dimse.start()
+            if s.http.port:
+                from node.api import api_routes, build_context
+                from node.inference import InferencePool
+
+                self.api = build_context(s, store, InferencePool(s), outbox=self.outbox)
+                app = create_app(s, store, on_stored=self.dimse.listeners,
+                                 routes=api_routes(s, store, context=self.api))
+                self.http = HttpServer(app, s.http.host, s.http.port)
+                self.http_address = self.http.start()
             self.worker = OutboxWorker(self.outbox, s.outbox.poll_seconds)
             self.worker.start()
             self.watcher.start()
@@ -95,6 +110,12 @@ class NodeService:
     def stop(self) -> None:
         """Stop accepting, finish background work and close the store (idempotent)."""
         self._stop.set()
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+        if self.api is not None:
+            self.api.close()  # stops the inference workers too
+            self.api = None
         if self.dimse is not None:
             self.dimse.stop()
             self.dimse = None
@@ -145,6 +166,9 @@ def serve(settings: Settings) -> int:
         d = settings.dimse
         logger.info("ainode serving: AE %s on %s; store %s", d.ae_title,
                     ", ".join(f"{h}:{p}" for h, p in service.addresses), settings.store_path)
+        if service.http_address:
+            logger.info("ainode serving DICOMweb at http://%s:%d/dicomweb and the REST API at http://%s:%d/v1",
+                        *service.http_address, *service.http_address)
         while not stop.wait(0.5):
             pass
     finally:

@@ -38,6 +38,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   say "apt-get install ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests start their own Orthanc on free loopback ports; the Debian service this install just
+  # enabled (ports 8042/4242) is not needed for them, so stop it where systemd runs.
+  if [[ " ${missing[*]} " == *" orthanc "* ]] && [ -d /run/systemd/system ]; then
+    say "stopping and disabling the orthanc system service (the tests run their own Orthanc)"
+    $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true
+  fi
 fi
 
 # --- Python 3.11 virtualenv --------------------------------------------------------------------

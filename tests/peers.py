@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from config.settings import DimseSettings, OutboxSettings, Settings, StoreSettings
+from config.settings import DimseSettings, HttpSettings, OutboxSettings, Settings, StoreSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -41,6 +41,7 @@ def node_settings(data_dir: Path, **dimse: object) -> Settings:
         dimse=DimseSettings(host="127.0.0.1", port=free_port(), **dimse),  # type: ignore[arg-type]
         store=StoreSettings(stable_after_seconds=0.5, stable_poll_seconds=0.1, min_free_gb=0.0),
         outbox=OutboxSettings(retry_base_seconds=0.2, retry_max_seconds=1.0, poll_seconds=0.1),
+        http=HttpSettings(host="127.0.0.1", port=0),  # no HTTP server unless a test asks for one
     )
 
 
@@ -236,7 +237,8 @@ def start_node(data_dir: Path, port: int | None = None, extra_env: dict[str, str
     """``ainode serve`` as a subprocess (for kill -9 and signal tests)."""
     port = port or free_port()
     env = {"AINODE_DATA_DIR": str(data_dir), "AINODE_DIMSE_HOST": "127.0.0.1", "AINODE_DIMSE_PORT": str(port),
-           "AINODE_STORE_MIN_FREE_GB": "0", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+           "AINODE_STORE_MIN_FREE_GB": "0", "PYTHONUNBUFFERED": "1", "AINODE_HTTP_HOST": "127.0.0.1",
+           "AINODE_HTTP_PORT": "0", **(extra_env or {})}
     args = [PYTHON, "-m", "node.cli", "serve"]
     if config is not None:
         args += ["--config", str(config)]

@@ -1,0 +1,152 @@
+"""The prompt API: native REST (/v1), MONAI Label, OHIF-AI and AIAA compatibility routes, behind one entry point."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount
+
+from config.settings import Settings
+from dicom_io.errors import DicomInputError
+from dicom_io.store import Store
+from models.base import ModelError as SegmenterModelError
+from models.base import PromptError
+from node.api.auth import BearerAuthMiddleware
+from node.api.core import ApiContext, ApiError
+from node.inference import (
+    InferencePool, JobCancelledError, ModelUnavailableError, QueueFullError, UnknownModelError,
+)
+from node.sessions import SessionExpiredError, SessionNotFoundError, SessionStore, TooManySessionsError
+
+logger = logging.getLogger(__name__)
+
+#: AIAA's status for an expired session (Microsoft's "Login Time-out", used by Clara AIAA).
+HTTP_SESSION_EXPIRED = 440
+
+
+def _error(request: Request, status: int, message: str, field: str | None = None,
+           headers: dict[str, str] | None = None) -> Response:
+    if status >= 500:
+        logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
+    else:
+        logger.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
+    # ``error`` for our clients, ``detail`` as FastAPI (MONAI Label) answers.
+    return JSONResponse({"error": message, "detail": message, "field": field}, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ApiError):
+        return _error(request, exc.status, str(exc), exc.field, exc.headers)
+    if isinstance(exc, (QueueFullError, TooManySessionsError)):
+        return _error(request, 503, str(exc), None, {"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, SessionExpiredError):
+        native = request.url.path.startswith("/v1/sessions")
+        return _error(request, 410 if native else HTTP_SESSION_EXPIRED, str(exc), "session_id")
+    if isinstance(exc, SessionNotFoundError):
+        return _error(request, 404, str(exc), "session_id")
+    if isinstance(exc, UnknownModelError):
+        return _error(request, 404, f"model: {exc}", "model")
+    if isinstance(exc, JobCancelledError):
+        return _error(request, 409, str(exc), "job")
+    if isinstance(exc, ModelUnavailableError):
+        return _error(request, 503, str(exc), "model")
+    return _error(request, 400, str(exc))
+
+
+async def _prompt_error(request: Request, exc: Exception) -> Response:
+    return _error(request, 422, f"prompts: {exc}", "prompts")
+
+
+async def _dicom_error(request: Request, exc: Exception) -> Response:
+    return _error(request, 422, f"image: {exc}", "image")
+
+
+async def _model_error(request: Request, exc: Exception) -> Response:
+    return _error(request, 503, f"model: {exc}", "model")
+
+
+def api_routes(settings: Settings, store: Store, inference: InferencePool | None = None,
+               sessions: SessionStore | None = None, *, outbox: Any | None = None,
+               context: ApiContext | None = None) -> list[BaseRoute]:
+    """The REST API as routes for :func:`node.app.create_app` (``routes=api_routes(...)``).
+
+    All API routes live in one mounted sub-application with its own bearer-token middleware
+    (``api.tokens``) and exception handlers, so every refused request is a 4xx JSON answer naming
+    the field (``{"error", "detail", "field"}``); a full queue is 503 with ``Retry-After``.
+
+    Parameters
+    ----------
+    settings
+        Node settings.
+    store
+        The node's store (shared with DIMSE and DICOMweb).
+    inference
+        Inference queues (default: a new :class:`InferencePool` over ``settings``).
+    sessions
+        Session store (default: from ``settings.api``).
+    outbox
+        The node's :class:`~node.outbox.Outbox`; results for DIMSE destinations are queued there.
+    context
+        A pre-built context (tests); overrides the other arguments.
+
+    Returns
+    -------
+    list
+        One ``Mount("")`` holding ``/v1/...``, ``/metrics``, ``/openapi.json``, MONAI Label (``/info/``,
+        ``/infer/{model}``, ``/session/``...) and AIAA (``/v1/models``, ``/v1/segmentation``...) routes.
+        Routes given to ``create_app`` before it (``/health``, ``/dicomweb``) keep precedence.
+
+    Raises
+    ------
+    ValueError
+        When ``api.tokens`` holds an entry that is not ``USER:TOKEN``.
+    """
+    from node.api.aiaa import AiaaApi
+    from node.api.monailabel import MonaiLabelApi
+    from node.api.native import NativeApi
+    from node.api.openapi import openapi_route
+
+    ctx = context or build_context(settings, store, inference, sessions, outbox=outbox)
+    native = NativeApi(ctx)
+    monai = MonaiLabelApi(ctx)
+    aiaa = AiaaApi(ctx, monai)
+    routes: list[BaseRoute] = [*native.routes(), *aiaa.routes(), *monai.routes()]
+    routes.append(openapi_route(routes))
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(BearerAuthMiddleware, tokens=settings.api.tokens)],
+        exception_handlers={
+            ApiError: _api_error,  # NodeError subclasses below are looked up by MRO
+            QueueFullError: _api_error, TooManySessionsError: _api_error, SessionExpiredError: _api_error,
+            SessionNotFoundError: _api_error, UnknownModelError: _api_error, JobCancelledError: _api_error,
+            ModelUnavailableError: _api_error,
+            PromptError: _prompt_error,
+            DicomInputError: _dicom_error,
+            SegmenterModelError: _model_error,
+        },
+    )
+    app.state.api = ctx
+    return [Mount("", app=app, name="api")]
+
+
+def build_context(settings: Settings, store: Store, inference: InferencePool | None = None,
+                  sessions: SessionStore | None = None, *, outbox: Any | None = None) -> ApiContext:
+    """The shared state of the API handlers."""
+    a = settings.api
+    return ApiContext(
+        settings, store,
+        inference or InferencePool(settings),
+        sessions or SessionStore(a.session_ttl_seconds, a.max_sessions, a.retry_after_seconds),
+        outbox=outbox,
+    )
+
+
+__all__ = ["HTTP_SESSION_EXPIRED", "api_routes", "build_context"]
+
+
+

@@ -1,0 +1,650 @@
+"""MONAI Label server compatibility: /info/, /infer/{model} (incl. OHIF-AI's streamed meta+seg), /session/."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import secrets
+import shutil
+import time
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dicom_io.geometry import Geometry
+from dicom_io.seg import SegmentSpec
+from dicom_io.series import Series
+from models.base import BoxPrompt, Mode, PointPrompt, Prompts
+from node import __version__
+from node.api.core import ApiContext, ApiError, SeriesRef, bad, check_prompts, user_of, write_outputs
+from node.pipeline import safe_name
+from node.sessions import Session, Step
+
+logger = logging.getLogger(__name__)
+
+#: Model type MONAI Label clients treat as click/box driven (``deepgrow``: foreground/background points).
+MODEL_TYPE = "deepgrow"
+#: Result extensions MONAI Label writers accept.
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+#: What OHIF-AI's server answers to ``nninter: init`` / ``reset`` (a JSON string; the client ignores it).
+NNINTER_REPLY = {"init": "/code/predictions/init.nii.gz", "reset": "/code/predictions/reset.nii.gz"}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model as MONAI Label clients see it: our model name plus the dimension it works in."""
+
+    name: str
+    model: str
+    mode: Mode
+    description: str
+
+
+def mime_type(name: str) -> str:
+    """MONAI Label's ``get_mime_type``: ``mimetypes.guess_type`` else ``application/octet-stream``."""
+    import mimetypes
+
+    guessed = mimetypes.guess_type(name)[0]
+    return guessed or "application/octet-stream"
+
+
+def write_nrrd(mask: np.ndarray, geometry: Geometry, path: Path, dtype: str = "uint8", compress: bool = False) -> Path:
+    """Write a (slices, rows, columns) label volume as NRRD (LPS space; first axis = column, fastest)."""
+    arr = np.ascontiguousarray(mask.astype(dtype))
+    a = geometry.affine
+    dirs = " ".join("(" + ",".join(f"{v:.10g}" for v in a[:3, i]) + ")" for i in range(3))
+    origin = "(" + ",".join(f"{v:.10g}" for v in a[:3, 3]) + ")"
+    header = (
+        "NRRD0004\n"
+        f"type: {dtype}\n"
+        "dimension: 3\n"
+        "space: left-posterior-superior\n"
+        f"sizes: {arr.shape[2]} {arr.shape[1]} {arr.shape[0]}\n"
+        f"space directions: {dirs}\n"
+        "kinds: domain domain domain\n"
+        "endian: little\n"
+        f"encoding: {'gzip' if compress else 'raw'}\n"
+        f"space origin: {origin}\n\n"
+    )
+    data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    path.write_bytes(header.encode("ascii") + (gzip.compress(data) if compress else data))
+    return path
+
+
+def multipart_form(fields: list[tuple[str, str | None, bytes, str]]) -> tuple[bytes, str]:
+    """Encode parts like ``requests_toolbelt.MultipartEncoder`` (what MONAI Label answers with).
+
+    ``fields`` are (name, filename or None, body, content type); returns (body, content type).
+    """
+    boundary = secrets.token_hex(16)
+    out = bytearray()
+    for name, filename, body, ctype in fields:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\nContent-Type: {ctype}\r\n\r\n".encode()
+        out += body + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"
+
+
+def _gzip_chunks(chunks: Iterator[bytes | memoryview], level: int) -> Iterator[bytes]:
+    comp = zlib.compressobj(level=level, method=zlib.DEFLATED, wbits=16 + zlib.MAX_WBITS)
+    for ch in chunks:
+        out = comp.compress(ch)
+        if out:
+            yield out
+    tail = comp.flush()
+    if tail:
+        yield tail
+
+
+def stream_meta_seg(meta: Mapping[str, Any], mask: np.ndarray) -> StreamingResponse:
+    """OHIF-AI's streamed answer: parts ``meta`` (double-encoded JSON) and ``seg`` (uint8 voxels), gzip per part."""
+    boundary = f"monai-{secrets.token_hex(12)}"
+    dash = b"--" + boundary.encode()
+    crlf = b"\r\n"
+    meta_headers = crlf.join([dash, b'Content-Disposition: form-data; name="meta"; filename="meta.json"',
+                              b"Content-Type: application/json", b"Content-Encoding: gzip", b""]) + crlf
+    seg_headers = crlf.join([dash, b'Content-Disposition: form-data; name="seg"; filename="seg.bin"',
+                             b"Content-Type: application/octet-stream", b"Content-Encoding: gzip", b""]) + crlf
+    # OHIF-AI's server passes a JSON string to its encoder, so the part holds a JSON-encoded string.
+    meta_bytes = json.dumps(json.dumps(dict(meta))).encode()
+    voxels = np.ascontiguousarray(mask.astype(np.uint8))
+    view = memoryview(voxels).cast("B")
+
+    def chunks(step: int = 2 << 20) -> Iterator[memoryview]:
+        for off in range(0, len(view), step):
+            yield view[off:off + step]
+
+    def gen() -> Iterator[bytes]:
+        yield meta_headers
+        yield from _gzip_chunks(iter([meta_bytes]), 6)
+        yield crlf
+        yield seg_headers
+        yield from _gzip_chunks(chunks(), 1)
+        yield crlf
+        yield dash + b"--" + crlf
+
+    return StreamingResponse(gen(), media_type=f"multipart/form-data; boundary={boundary}")
+
+
+def _is_flipped(series: Series) -> bool:
+    """OHIF-AI's flip rule: InstanceNumber of the first sorted slice is larger than the second's."""
+    src = series.source_datasets
+    if len(src) < 2:
+        return False
+    try:
+        return int(src[0].InstanceNumber) > int(src[1].InstanceNumber)
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _xyz(value: Any, where: str) -> tuple[float, float, int]:
+    if not isinstance(value, (list, tuple)) or len(value) < 3:
+        raise bad(where, f"a point [x, y, z] is required, got {value!r}.")
+    try:
+        x, y, z = (float(v) for v in value[:3])
+    except (TypeError, ValueError) as exc:
+        raise bad(where, f"{value!r} holds a non-number.") from exc
+    if not float(z).is_integer():
+        raise bad(where, f"slice index z = {z:g} is not an integer.")
+    return x, y, int(z)
+
+
+def _list(params: Mapping[str, Any], key: str) -> list[Any]:
+    value = params.get(key)
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise bad(f"params.{key}", f"not a JSON list ({exc}).") from exc
+    if not isinstance(value, list):
+        raise bad(f"params.{key}", f"a list is required, got {type(value).__name__}.")
+    return value
+
+
+def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = False) -> Prompts:
+    """Prompts of a MONAI Label / OHIF-AI / AIAA ``params`` object, in our voxel order.
+
+    Understood: ``foreground``/``background`` (DeepGrow, SAM2: ``[[x, y, z], ...]``), ``points`` +
+    ``point_labels`` (VISTA3D), ``pos_points``/``neg_points`` and ``pos_boxes``/``neg_boxes``
+    (``[[[x0, y0, z], [x1, y1, z]], ...]``, OHIF-AI), ``pos_lassos``/``neg_lassos`` (outline → its box)
+    and ``pos_scribbles``/``neg_scribbles`` (→ clicks at its ends and middle), ``roi`` (``[x0, y0, x1, y1, z0, z1]`` with ``slice``;
+    MONAI Label SAM2) and extreme ``points`` of DEXTR3D when ``point_labels`` is absent. With ``flip``,
+    z counts from the other end of the volume (OHIF-AI's ``flipped``).
+
+    Raises
+    ------
+    ApiError
+        422 naming the malformed key.
+    """
+    def k_of(z: int) -> int:
+        return n_slices - 1 - z if flip else z
+
+    points: list[PointPrompt] = []
+    boxes: list[BoxPrompt] = []
+    for key, positive in (("foreground", True), ("background", False), ("pos_points", True),
+                          ("neg_points", False)):
+        for n, item in enumerate(_list(params, key)):
+            x, y, z = _xyz(item, f"params.{key}[{n}]")
+            points.append(PointPrompt(x, y, k_of(z), positive))
+    labels = _list(params, "point_labels")
+    if labels:
+        pts = _list(params, "points")
+        if len(pts) != len(labels):
+            raise bad("params.point_labels", f"{len(labels)} labels for {len(pts)} points.")
+        for n, (item, label) in enumerate(zip(pts, labels)):
+            x, y, z = _xyz(item, f"params.points[{n}]")
+            if isinstance(label, bool) or not isinstance(label, (int, float)):
+                raise bad(f"params.point_labels[{n}]", f"{label!r} is not 1 (foreground) or 0 (background).")
+            points.append(PointPrompt(x, y, k_of(z), label > 0))
+    for key, positive in (("pos_boxes", True), ("neg_boxes", False)):
+        for n, item in enumerate(_list(params, key)):
+            where = f"params.{key}[{n}]"
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise bad(where, f"a box [[x0, y0, z], [x1, y1, z]] is required, got {item!r}.")
+            x0, y0, z0 = _xyz(item[0], where + "[0]")
+            x1, y1, z1 = _xyz(item[1], where + "[1]")
+            if z0 != z1:
+                raise bad(where, f"the corners lie on different slices ({z0} and {z1}); a box is drawn on one slice.")
+            boxes.append(BoxPrompt(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1), k_of(z0), positive))
+    # OHIF-AI lassos (closed outlines) become the box around them; scribbles become a few clicks along them.
+    for key, positive in (("pos_lassos", True), ("neg_lassos", False), ("pos_scribbles", True),
+                          ("neg_scribbles", False)):
+        for n, item in enumerate(_list(params, key)):
+            where = f"params.{key}[{n}]"
+            if not isinstance(item, (list, tuple)) or not item:
+                raise bad(where, f"a list of [x, y, z] points is required, got {item!r}.")
+            pts = [_xyz(p, f"{where}[{m}]") for m, p in enumerate(item)]
+            zs = {p[2] for p in pts}
+            if len(zs) != 1:
+                raise bad(where, f"the points lie on several slices ({sorted(zs)}); draw on one slice.")
+            k = k_of(zs.pop())
+            if "lassos" in key:
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                boxes.append(BoxPrompt(min(xs), min(ys), max(xs), max(ys), k, positive))
+            else:
+                picks = sorted({0, len(pts) // 2, len(pts) - 1})
+                points.extend(PointPrompt(pts[i][0], pts[i][1], k, positive) for i in picks)
+    roi = _list(params, "roi")
+    if roi:
+        if len(roi) != 6:
+            raise bad("params.roi", f"[x0, y0, x1, y1, z0, z1] is required, got {roi!r}.")
+        try:
+            x0, y0, x1, y1, z0, z1 = (float(v) for v in roi)
+        except (TypeError, ValueError) as exc:
+            raise bad("params.roi", f"{roi!r} holds a non-number.") from exc
+        k = params.get("slice")
+        k = int((z0 + z1) // 2) if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not float(k).is_integer():
+            raise bad("params.slice", f"{k!r} is not a slice index.")
+        boxes.append(BoxPrompt(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1), k_of(int(k)), True))
+    return Prompts(points=tuple(dict.fromkeys(points)), boxes=tuple(dict.fromkeys(boxes)))
+
+
+def extreme_points_box(params: Mapping[str, Any], n_slices: int) -> Prompts:
+    """DEXTR3D: a box around the extreme points on the slice in the middle of their z range."""
+    pts = [_xyz(p, f"params.points[{n}]") for n, p in enumerate(_list(params, "points"))]
+    if len(pts) < 2:
+        raise bad("params.points", f"at least 2 extreme points are required (AIAA sends 6), got {len(pts)}.")
+    xs, ys, zs = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+    k = int(round((min(zs) + max(zs)) / 2))
+    return Prompts(boxes=(BoxPrompt(min(xs), min(ys), max(xs), max(ys), k, True),))
+
+
+class MonaiLabelApi:
+    """MONAI Label's REST surface on top of the node's queues, sessions and store."""
+
+    def __init__(self, ctx: ApiContext) -> None:
+        self.ctx = ctx
+
+    # ------------------------------------------------------------------ models
+
+    def entries(self) -> dict[str, ModelEntry]:
+        """Model names offered to MONAI Label clients."""
+        s = self.ctx.settings
+        default = s.model.default
+        out: dict[str, ModelEntry] = {}
+        usable = [m for m in self.ctx.inference.model_names() if m != "sam2" or s.sam2.checkpoint]
+        for m in usable:
+            out[m] = ModelEntry(m, m, "3d", f"{m}: click/box prompted segmentation, 3D by slice propagation")
+            out[f"{m}_2d"] = ModelEntry(f"{m}_2d", m, "2d", f"{m}: click/box prompted segmentation of one slice")
+        out["sam_2d"] = ModelEntry("sam_2d", default, "2d", f"SAM-family 2D ({default})")
+        out["sam_3d"] = ModelEntry("sam_3d", default, "3d", f"SAM-family 3D ({default})")
+        # OHIF-AI posts every request to /infer/segmentation.
+        out["segmentation"] = ModelEntry("segmentation", default, "3d", f"OHIF-AI interactive model ({default})")
+        return out
+
+    def entry(self, name: str) -> ModelEntry:
+        e = self.entries().get(name)
+        if e is None:
+            raise ApiError(404, f"model: '{name}' is not a model of this server; known: "
+                                f"{', '.join(self.entries())}.", "model")
+        return e
+
+    def labels(self) -> dict[str, int]:
+        return {self.ctx.settings.seg.label: 1}
+
+    async def info(self, request: Request) -> Response:
+        models = {
+            name: {"type": MODEL_TYPE, "labels": self.labels(), "dimension": 2 if e.mode == "2d" else 3,
+                   "description": e.description, "config": {}}
+            for name, e in self.entries().items()
+        }
+        return JSONResponse({
+            "name": "ainode", "description": "PACS-side SAM-family segmentation node (MONAI Label compatible API)",
+            "version": __version__, "labels": self.labels(), "models": models, "trainers": {}, "strategies": {},
+            "scoring": {}, "train_stats": {}, "datastore": {"total": len(self.ctx.store.series()),
+                                                           "completed": 0},
+        })
+
+    # ------------------------------------------------------------------ helpers
+
+    async def read_form(self, request: Request) -> FormData:
+        """The multipart (or urlencoded) form, refusing bodies larger than ``api.max_upload_bytes``."""
+        limit = self.ctx.settings.api.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"body: {length} bytes exceed api.max_upload_bytes ({limit}).", "body")
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            return FormData()
+        return await request.form(max_files=100000)
+
+    @staticmethod
+    async def parse_params(form: FormData) -> dict[str, Any]:
+        """The ``params`` form field (a string, or a JSON file part as some clients send) as an object.
+
+        Raises
+        ------
+        ApiError
+            400 naming ``params`` when it is not a JSON object.
+        """
+        raw = form.get("params")
+        if raw is None:
+            return {}
+        if isinstance(raw, UploadFile):
+            data = await raw.read(1 << 20)
+            try:
+                raw = data.decode()
+            except UnicodeDecodeError as exc:
+                raise ApiError(400, "params: not UTF-8 text.", "params") from exc
+        text = raw.strip()
+        if not text:
+            return {}
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, f"params: malformed JSON ({exc}).", "params") from exc
+        if not isinstance(params, dict):
+            raise ApiError(400, f"params: a JSON object is required, got {type(params).__name__}.", "params")
+        return params
+
+    async def save_uploads(self, files: list[UploadFile], where: str) -> Path:
+        """Spool uploaded files into a fresh upload folder (names sanitised)."""
+        folder = self.ctx.upload_dir()
+
+        def copy() -> None:
+            for n, up in enumerate(files):
+                name = Path(up.filename or f"upload{n}").name or f"upload{n}"
+                target = folder / f"{n:05d}_{safe_name(name)}"
+                up.file.seek(0)
+                with open(target, "wb") as fh:
+                    shutil.copyfileobj(up.file, fh, 1 << 20)
+
+        if not files:
+            raise bad(where, "no file was uploaded.")
+        await run_in_threadpool(copy)
+        return folder
+
+    async def image_series(self, request: Request, form: FormData, user: str,
+                           params: Mapping[str, Any] | None = None) -> tuple[Series, Session | None]:
+        """The image of an ``/infer`` request: ``session_id``, uploaded ``file``, or ``image`` (SeriesInstanceUID).
+
+        Raises
+        ------
+        ApiError
+            422 when none is given; 404 unknown series or session.
+        """
+        q = request.query_params
+        session_id = q.get("session_id")
+        if session_id:
+            session = self.ctx.sessions.get(session_id, user)
+            return session.series, session
+        upload = form.get("file") or form.get("datapoint") or form.get("image")
+        if isinstance(upload, UploadFile):
+            folder = await self.save_uploads([upload], "file")
+            try:
+                series = await run_in_threadpool(self.ctx.load_upload_blocking, folder, "file")
+            finally:
+                # Like MONAI Label, an uploaded image is used for this request only.
+                shutil.rmtree(folder, ignore_errors=True)
+            return series, None
+        image = q.get("image") or (form.get("image") if isinstance(form.get("image"), str) else None)
+        if not image or image == "undefined":
+            raise bad("image", "give image=<SeriesInstanceUID>, session_id=<id> or upload a file "
+                               f"(got {image!r}).")
+        if "/" in str(image):
+            raise bad("image", f"'{image}' looks like an XNAT id (project/subject/experiment/scan); this node "
+                               "resolves SeriesInstanceUIDs through its DICOMweb archive.")
+        # OHIF-AI sends the study in params so the archive pull can skip the QIDO lookup.
+        study = q.get("study") or str((params or {}).get("studyInstanceUID") or "")
+        from dicom_io.store import is_valid_uid
+
+        series = await self.ctx.load_series(SeriesRef(str(image), study if is_valid_uid(study) else ""), "image")
+        return series, None
+
+    # ------------------------------------------------------------------ /infer
+
+    async def infer(self, request: Request) -> Response:
+        return await self.run_infer(request, self.entry(request.path_params["model"]))
+
+    async def run_infer(self, request: Request, entry: ModelEntry, *, aiaa: str | None = None) -> Response:
+        form = await self.read_form(request)
+        try:
+            return await self._infer(request, form, entry, aiaa)
+        finally:
+            await form.close()
+
+    async def _infer(self, request: Request, form: FormData, entry: ModelEntry, aiaa: str | None) -> Response:
+        ctx = self.ctx
+        user = user_of(request)
+        output = request.query_params.get("output", "all").strip().lower()
+        if output not in ("image", "json", "all", "dicom_seg"):
+            raise bad("output", f"'{output}' is not one of image, json, all, dicom_seg.")
+        params = await self.parse_params(form)
+        t0 = time.perf_counter()
+        nninter = params.get("nninter")
+        ohif_ai = "nninter" in params
+        series, upload_session = await self.image_series(request, form, user, params)
+        t_load = time.perf_counter() - t0
+        n = series.voxels.shape[0]
+        flip = _is_flipped(series) if ohif_ai else False
+        mode: Mode = entry.mode
+        if ohif_ai and params.get("one"):
+            mode = "2d"
+        session = upload_session
+        if ohif_ai:
+            session = session or ctx.sessions.find(user, series.series_instance_uid, entry.model)
+            if session is None:
+                session = ctx.sessions.create(user, series, entry.model, mode=mode, flipped=flip,
+                                              segment=SegmentSpec(label=ctx.settings.seg.label,
+                                                                  color=ctx.settings.seg.color,
+                                                                  category=ctx.settings.seg.category,
+                                                                  type=ctx.settings.seg.type))
+            if nninter in ("init", "reset"):
+                if nninter == "reset":
+                    session.reset()
+                return JSONResponse(NNINTER_REPLY[str(nninter)])
+        if aiaa == "dextr3d":
+            prompts = extreme_points_box(params, n)
+            mode = "3d"
+        else:
+            prompts = prompts_from_params(params, n, flip)
+        if not prompts:
+            raise bad("params", "no prompt found: give foreground/background points, pos_points/neg_points, "
+                                "pos_boxes/neg_boxes, points+point_labels or roi.")
+        if ohif_ai and session is not None:
+            # OHIF-AI resends every prompt of the segment; the session remembers them (and the embeddings).
+            check_prompts(prompts, series, "params")
+            async with session.lock:
+                inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="ohif-ai")
+                mask = np.asarray(inferred.result.mask, dtype=bool)
+                session.push(Step(prompts, mask, int(mask.sum()), {}, dict(inferred.result.stats)))
+        else:
+            check_prompts(prompts, series, "params")
+            inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="monailabel")
+            mask = np.asarray(inferred.result.mask, dtype=bool)
+        label = _label_name(params, ctx.settings.seg.label)
+        latencies = {"pre": round(t_load, 4), "infer": round(inferred.run_seconds, 4),
+                     "queue": round(inferred.queue_seconds, 4), "invert": 0.0, "post": 0.0, "write": 0.0,
+                     "total": round(time.perf_counter() - t0, 4)}
+        result_json: dict[str, Any] = {
+            "label_names": {label: 1}, "latencies": latencies, "model": entry.name,
+            "voxel_count": int(mask.sum()), "volume_ml": round(int(mask.sum()) * series.geometry.voxel_volume_ml, 4),
+            "slices": [int(k) for k in np.nonzero(mask.any(axis=(1, 2)))[0]],
+        }
+        if output == "dicom_seg" and ohif_ai:
+            meta = {"prompt_info": {"points": len(prompts.points), "boxes": len(prompts.boxes)}, "flipped": flip,
+                    "sam_elapsed" if nninter is False else "nninter_elapsed": round(inferred.run_seconds, 4),
+                    "label_name": f"{'nninter' if nninter else 'sam2'}_pred_{int(time.time())}"}
+            return stream_meta_seg(meta, mask)
+        if output == "json":
+            return JSONResponse(result_json)
+        if output == "dicom_seg":
+            return await self._dicom_seg(series, mask, label, params, inferred.model, inferred.version, upload_session)
+        path = await run_in_threadpool(self._result_file, series, mask, params, label)
+        try:
+            data = await run_in_threadpool(path.read_bytes)
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)
+        if output == "image":
+            return Response(data, media_type=mime_type(path.name),
+                            headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
+        body, ctype = multipart_form([
+            ("params", None, json.dumps(result_json).encode(), "application/json"),
+            ("image", path.name, data, mime_type(path.name)),
+        ])
+        return Response(body, media_type=ctype)
+
+    def _result_file(self, series: Series, mask: np.ndarray, params: Mapping[str, Any], label: str) -> Path:
+        """Write the label file asked for by ``params`` into a fresh folder (the caller removes the folder)."""
+        from dicom_io.nifti import write_nifti
+
+        ext = str(params.get("result_extension") or ".nii.gz")
+        if ext not in RESULT_EXTENSIONS:
+            raise bad("params.result_extension", f"'{ext}' is not one of {', '.join(RESULT_EXTENSIONS)}.")
+        dtype = str(params.get("result_dtype") or "uint8")
+        if dtype not in ("uint8", "uint16"):
+            raise bad("params.result_dtype", f"'{dtype}' is not uint8 or uint16.")
+        compress = params.get("result_compress")
+        folder = self.ctx.upload_dir()
+        name = safe_name(f"{series.series_instance_uid}_{label}")
+        if ext.endswith(".nrrd"):
+            path = write_nrrd(mask, series.geometry, folder / f"{name}{ext}", dtype, bool(compress))
+        else:
+            if ext == ".nii.gz" and compress is False:
+                ext = ".nii"
+            path = write_nifti(mask.astype(dtype), series.geometry, folder / f"{name}{ext}", dtype=dtype)
+        return path
+
+    async def _dicom_seg(self, series: Series, mask: np.ndarray, label: str, params: Mapping[str, Any],
+                         model: str, version: str, session: Session | None) -> Response:
+        ctx = self.ctx
+        if not series.source_datasets:
+            raise bad("output", "dicom_seg needs a DICOM image; this one was uploaded as NIfTI.")
+        if not mask.any():
+            raise ApiError(422, "output: the result is empty; a DICOM SEG needs at least one segmented voxel.",
+                           "output")
+        s = ctx.settings.seg
+        color = s.color
+        info = params.get("label_info")
+        if isinstance(info, list) and info and isinstance(info[0], Mapping) and info[0].get("color"):
+            c = info[0]["color"]
+            if isinstance(c, (list, tuple)) and len(c) >= 3:
+                color = "#" + "".join(f"{int(v) & 255:02x}" for v in c[:3])
+        spec = SegmentSpec(label=label, color=color, category=s.category, type=s.type)
+        folder = ctx.upload_dir()
+        written = await run_in_threadpool(write_outputs, series, mask, spec, ctx.settings, model, version, folder,
+                                          safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
+        headers: dict[str, str] = {}
+        if session is None and written.seg is not None and ctx._has_archive():
+            archive = ctx.archive_name()
+            stored = await run_in_threadpool(self._stow, archive, written.seg)
+            headers["X-Stored-To"] = f"{archive}: {stored}"
+        if written.seg is None:  # pragma: no cover - write_outputs writes what it is asked for
+            raise RuntimeError("SEG was not written")
+        data = await run_in_threadpool(written.seg.read_bytes)
+        shutil.rmtree(folder, ignore_errors=True)
+        return Response(data, media_type="application/dicom",
+                        headers={**headers, "Content-Disposition": f'attachment; filename="{written.seg.name}"'})
+
+    def _stow(self, archive: str, path: Path) -> str:
+        """Store the SEG to the archive as MONAI Label's DICOMweb datastore does (STOW-RS); returns the outcome."""
+        from node import status
+        from node.archives import send_to_destination
+
+        try:
+            results = send_to_destination(archive, self.ctx.settings, [path], self.ctx.origins)
+        except Exception as exc:  # a peer outcome: reported in a header, never a 500
+            logger.warning("STOW of %s to %s failed: %s", path.name, archive, exc)
+            return f"failed ({exc})"
+        code = results[0].status if results else None
+        return "stored" if status.is_delivered(code) else f"failed ({results[0].error if results else 'no answer'})"
+
+    # ------------------------------------------------------------------ /session/
+
+    async def put_session(self, request: Request) -> Response:
+        ctx = self.ctx
+        user = user_of(request)
+        q = request.query_params
+        expiry = q.get("expiry")
+        ttl = None
+        if expiry:
+            try:
+                ttl = float(expiry)
+            except ValueError as exc:
+                raise bad("expiry", f"'{expiry}' is not a number of seconds.") from exc
+        form = await self.read_form(request)
+        try:
+            files = [f for key in ("files", "image", "file", "datapoint") for f in form.getlist(key)
+                     if isinstance(f, UploadFile)]
+            if not files:
+                raise bad("files", "upload the image as multipart field 'files' (MONAI Label) or 'image' (AIAA).")
+            folder = await self.save_uploads(files, "files")
+            params = await self.parse_params(form)
+        finally:
+            await form.close()
+        series = await run_in_threadpool(ctx.load_upload_blocking, folder, "files")
+        session = ctx.sessions.create(user, series, ctx.inference.resolve_name(None), mode="3d", ttl=ttl,
+                                      files_dir=folder, meta=params)
+        return JSONResponse({"session_id": session.id, "session_info": _session_info(session)})
+
+    async def get_session(self, request: Request) -> Response:
+        touch = request.query_params.get("update_ts", "false").lower() in ("1", "true", "yes")
+        session = self.ctx.sessions.get(request.path_params["id"], user_of(request), touch=touch)
+        return JSONResponse(_session_info(session))
+
+    async def delete_session(self, request: Request) -> Response:
+        session = self.ctx.sessions.delete(request.path_params["id"], user_of(request))
+        return JSONResponse(_session_info(session))
+
+    # ------------------------------------------------------------------ small stubs clients probe
+
+    async def auth_info(self, request: Request) -> Response:
+        return JSONResponse({"enabled": bool(self.ctx.settings.api.tokens), "client_id": "", "realm": ""})
+
+    async def datastore(self, request: Request) -> Response:
+        return JSONResponse({"total": len(self.ctx.store.series()), "completed": 0, "label_tags": {},
+                             "train": 0})
+
+    async def image_info(self, request: Request) -> Response:
+        # Empty: the XNAT viewer then uploads the image into a session, which is what we support.
+        return JSONResponse({})
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/info/", self.info, methods=["GET"]),
+            Route("/info", self.info, methods=["GET"]),
+            Route("/infer/{model}", self.infer, methods=["POST"]),
+            Route("/session/", self.put_session, methods=["PUT"]),
+            Route("/session", self.put_session, methods=["PUT"]),
+            Route("/session/{id}", self.get_session, methods=["GET"]),
+            Route("/session/{id}", self.delete_session, methods=["DELETE"]),
+            Route("/auth/", self.auth_info, methods=["GET"]),
+            Route("/datastore/", self.datastore, methods=["GET"]),
+            Route("/datastore/image/info", self.image_info, methods=["GET"]),
+            Route("/datastore/image/info/", self.image_info, methods=["GET"]),
+        ]
+
+
+def _label_name(params: Mapping[str, Any], default: str) -> str:
+    info = params.get("label_info")
+    if isinstance(info, list) and info and isinstance(info[0], Mapping) and isinstance(info[0].get("name"), str):
+        name: str = info[0]["name"]
+        if name.strip():
+            return name[:64]
+    return default
+
+
+def _session_info(session: Session) -> dict[str, Any]:
+    return {
+        "name": session.id, "path": "", "image": session.series.series_instance_uid,
+        "meta": session.meta, "create_ts": int(session.created), "last_access_ts": int(session.last_access),
+        "expiry": int(session.ttl),
+    }
+
+
+__all__ = ["MonaiLabelApi", "extreme_points_box", "multipart_form", "prompts_from_params", "stream_meta_seg",
+           "write_nrrd"]

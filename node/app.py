@@ -1,0 +1,135 @@
+"""The node's HTTP application (Starlette): DICOMweb under /dicomweb; served by uvicorn in ``ainode serve``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from config.settings import Settings
+from dicom_io.store import Store
+from node.dicomweb import DicomwebConfig, dicomweb_routes
+from node.errors import NodeError
+from node.scp import StoredInstance
+
+logger = logging.getLogger(__name__)
+
+
+async def _node_error(request: Request, exc: Exception) -> Response:
+    logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"error": str(exc), "type": type(exc).__name__}, status_code=400)
+
+
+async def _health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+def create_app(
+    settings: Settings,
+    store: Store,
+    *,
+    on_stored: Sequence[Callable[[StoredInstance], None]] = (),
+    routes: Sequence[Route | Mount] = (),
+) -> Starlette:
+    """The node's Starlette application.
+
+    Parameters
+    ----------
+    settings
+        Node settings (``settings.http``).
+    store
+        The durable store the DICOMweb routes read and STOW-RS writes.
+    on_stored
+        Called for every instance received by STOW-RS (as the DIMSE listener's listeners are).
+    routes
+        Further routes (the REST API of a later issue).
+
+    Returns
+    -------
+    Starlette
+        DICOMweb (PS3.18) under ``/dicomweb``: STOW-RS, QIDO-RS, WADO-RS (behind the bearer tokens of
+        ``api.tokens`` when any are configured); ``/health``.
+    """
+    cfg = DicomwebConfig(store=store, on_stored=on_stored)  # kept by reference: listeners added later count
+    middleware = []
+    if settings.http.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.http.cors_origins),
+                                     allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                     expose_headers=["Content-Type", "Warning"]))
+    dicomweb: Any = Starlette(routes=dicomweb_routes(cfg))
+    tokens = getattr(getattr(settings, "api", None), "tokens", ())
+    if tokens:
+        # The REST API's bearer tokens guard DICOMweb too (Orthanc: DicomWeb.Servers.X.HttpHeaders).
+        from node.api.auth import BearerAuthMiddleware
+
+        dicomweb = BearerAuthMiddleware(dicomweb, tokens=tokens)
+    return Starlette(
+        routes=[Route("/health", _health), Mount("/dicomweb", app=dicomweb), *routes],
+        middleware=middleware,
+        exception_handlers={NodeError: _node_error},
+    )
+
+
+class HttpServer:
+    """uvicorn serving an ASGI app from a background thread (started and stopped by the node service).
+
+    Parameters
+    ----------
+    app
+        The ASGI application.
+    host, port
+        Address to bind (port 0 picks a free one; see :attr:`port` after :meth:`start`).
+    """
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        import uvicorn
+
+        self.config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                     lifespan="off", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(self.config)
+        self._thread: threading.Thread | None = None
+        self.host = host
+        self.port = port
+
+    def start(self, timeout: float = 15.0) -> tuple[str, int]:
+        """Start serving; returns the bound (host, port).
+
+        Raises
+        ------
+        OSError
+            When the server did not start (e.g. the port is in use).
+        """
+        self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"HTTP server did not start on {self.host}:{self.port}.")
+            time.sleep(0.02)
+        servers = getattr(self.server, "servers", [])
+        for srv in servers:
+            for sock in srv.sockets:
+                self.port = int(sock.getsockname()[1])
+                break
+        logger.info("HTTP (DICOMweb) listening on %s:%d", self.host, self.port)
+        return self.host, self.port
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, finish running requests (up to the graceful timeout) and join the thread."""
+        if self._thread is None:
+            return
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        self._thread = None
+
+
+__all__ = ["HttpServer", "create_app"]

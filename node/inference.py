@@ -1,0 +1,407 @@
+"""Inference queues: one worker thread and one bounded queue per model/device, owning the segmenter."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from config.settings import Settings
+from models.base import ModelError as SegmenterModelError
+from models.base import Segmenter
+from node.errors import NodeError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Job states.
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+
+#: Job priorities: interactive refinements overtake queued one-shot (often 3D) jobs.
+INTERACTIVE, BATCH = 0, 1
+
+#: Finished jobs remembered for ``GET /v1/jobs/{id}``.
+_KEEP_FINISHED = 256
+
+
+class QueueFullError(NodeError):
+    """The model's queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownModelError(NodeError, ValueError):
+    """A request names a model the node does not have."""
+
+
+class JobCancelledError(NodeError):
+    """The job was cancelled before it finished."""
+
+
+class ModelUnavailableError(NodeError):
+    """The model cannot be loaded (missing checkpoint, unavailable device)."""
+
+
+@dataclass
+class JobContext:
+    """Handed to a job function with the segmenter: lets long work notice a cancellation."""
+
+    job: Job[Any]
+
+    def check(self) -> None:
+        """Raise :class:`JobCancelledError` when the job has been cancelled."""
+        if self.job.cancel_requested.is_set():
+            raise JobCancelledError(f"Job {self.job.id} was cancelled.")
+
+    def progress(self, done: int, total: int) -> None:
+        """A :data:`models.base.ProgressCallback` that records progress and stops a cancelled job."""
+        self.job.progress = (done, total)
+        self.check()
+
+
+@dataclass(eq=False)
+class Job(Generic[T]):
+    """One unit of model work; ``future`` resolves to the function's return value."""
+
+    id: str
+    model: str
+    kind: str
+    user: str
+    fn: Callable[[Segmenter, JobContext], T]
+    future: Future[T] = field(default_factory=Future)
+    state: str = QUEUED
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str = ""
+    progress: tuple[int, int] = (0, 0)
+    priority: int = BATCH
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able state of the job."""
+        return {
+            "id": self.id, "model": self.model, "kind": self.kind, "state": self.state, "priority": self.priority,
+            "submitted": self.submitted, "started": self.started, "finished": self.finished,
+            "queue_seconds": None if self.started is None else round(self.started - self.submitted, 4),
+            "run_seconds": None if self.started is None or self.finished is None
+            else round(self.finished - self.started, 4),
+            "progress": {"done": self.progress[0], "total": self.progress[1]},
+            "error": self.error or None,
+        }
+
+
+class InferenceQueue:
+    """A bounded queue of jobs run one at a time by a worker thread that owns one segmenter.
+
+    Jobs run by priority (:data:`INTERACTIVE` before :data:`BATCH`), then in arrival order.
+
+    The segmenter is loaded by the worker on first use (or by :meth:`warm_up`), so loading never
+    blocks the event loop. Segmenters are not thread-safe; only this thread calls them.
+
+    Parameters
+    ----------
+    model
+        Model name (``litemedsam``, ``sam2``).
+    loader
+        Returns the segmenter; called once, on the worker thread.
+    maxsize
+        Jobs that may wait (not counting the running one).
+    retry_after
+        Seconds advertised in :class:`QueueFullError`.
+    """
+
+    def __init__(self, model: str, loader: Callable[[], Segmenter], maxsize: int = 8, retry_after: int = 5) -> None:
+        if maxsize < 1:
+            raise ValueError(f"api.queue_size must be >= 1, got {maxsize}.")
+        self.model = model
+        self._loader = loader
+        self._segmenter: Segmenter | None = None
+        self._queue: queue.PriorityQueue[tuple[int, int, Job[Any] | None]] = queue.PriorityQueue(maxsize=maxsize)
+        self._seq = itertools.count()
+        self.maxsize = maxsize
+        self.retry_after = retry_after
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._running: Job[Any] | None = None
+        self._counts = {DONE: 0, FAILED: 0, CANCELLED: 0, "rejected": 0}
+        self._durations: deque[float] = deque(maxlen=50)
+        self._load_error: str = ""
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"inference-{self.model}", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel waiting jobs and the running one (it stops after its current slice) and end the worker."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if self._running is not None:
+                self._running.cancel_requested.set()
+        while True:
+            try:
+                _, _, job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._finish_cancelled(job)
+        if thread is not None:
+            self._queue.put((-1, next(self._seq), None))
+            thread.join(timeout)
+
+    # --- submitting -----------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[Segmenter, JobContext], T], *, kind: str = "segment", user: str = "",
+               priority: int = BATCH) -> Job[T]:
+        """Queue ``fn(segmenter, context)``; returns the job (its ``future`` gives the result).
+
+        Raises
+        ------
+        QueueFullError
+            When ``maxsize`` jobs are already waiting.
+        """
+        self.start()
+        job: Job[T] = Job(id=uuid.uuid4().hex, model=self.model, kind=kind, user=user, fn=fn, priority=priority)
+        try:
+            self._queue.put_nowait((priority, next(self._seq), job))
+        except queue.Full:
+            with self._lock:
+                self._counts["rejected"] += 1
+            raise QueueFullError(
+                f"The '{self.model}' queue is full ({self.maxsize} jobs waiting); retry in {self.retry_after} s.",
+                self.retry_after,
+            ) from None
+        return job
+
+    def cancel(self, job: Job[Any]) -> bool:
+        """Cancel a job: a waiting one is dropped, a running one stops at its next slice.
+
+        Returns
+        -------
+        bool
+            False when the job had already finished.
+        """
+        if job.state in (DONE, FAILED, CANCELLED):
+            return False
+        job.cancel_requested.set()
+        if job.state == QUEUED and job.future.cancel():
+            self._finish_cancelled(job)
+        return True
+
+    def warm_up(self) -> Future[None]:
+        """Load the model on the worker thread now (instead of at the first request)."""
+        return self.submit(lambda seg, ctx: None, kind="warm-up").future
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._segmenter is not None
+
+    @property
+    def segmenter(self) -> Segmenter | None:
+        """The loaded segmenter (for read-only metadata such as ``version``); never call it from here."""
+        return self._segmenter
+
+    def status(self) -> dict[str, Any]:
+        """Queue depth, the running job and counters."""
+        with self._lock:
+            running = self._running
+            counts = dict(self._counts)
+            durations = list(self._durations)
+        seg = self._segmenter
+        return {
+            "model": self.model,
+            "loaded": seg is not None,
+            "device": getattr(seg, "device", None),
+            "version": getattr(seg, "version", None),
+            "load_error": self._load_error or None,
+            "queued": self._queue.qsize(),
+            "capacity": self.maxsize,
+            "running": running.describe() if running is not None else None,
+            "completed": counts[DONE],
+            "failed": counts[FAILED],
+            "cancelled": counts[CANCELLED],
+            "rejected": counts["rejected"],
+            "mean_run_seconds": round(sum(durations) / len(durations), 4) if durations else None,
+        }
+
+    # --- worker ---------------------------------------------------------------------------------
+
+    def _finish_cancelled(self, job: Job[Any]) -> None:
+        job.state = CANCELLED
+        job.finished = time.time()
+        if not job.future.done():
+            job.future.set_exception(JobCancelledError(f"Job {job.id} was cancelled."))
+        with self._lock:
+            self._counts[CANCELLED] += 1
+
+    def _load(self) -> Segmenter:
+        if self._segmenter is None:
+            try:
+                self._segmenter = self._loader()
+                self._load_error = ""
+            except (SegmenterModelError, OSError, RuntimeError, ValueError) as exc:
+                self._load_error = str(exc)
+                raise ModelUnavailableError(f"Model '{self.model}' cannot be loaded: {exc}") from exc
+        return self._segmenter
+
+    def _run(self) -> None:
+        while True:
+            _, _, job = self._queue.get()
+            if job is None:
+                return
+            if job.future.cancelled() or job.state == CANCELLED:
+                continue
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            job.state = RUNNING
+            job.started = time.time()
+            with self._lock:
+                self._running = job
+            try:
+                if job.cancel_requested.is_set():
+                    raise JobCancelledError(f"Job {job.id} was cancelled.")
+                result = job.fn(self._load(), JobContext(job))
+            except JobCancelledError as exc:
+                job.state, job.error = CANCELLED, str(exc)
+                job.future.set_exception(exc)
+            except BaseException as exc:  # handed to the waiting request, which maps it to a status
+                job.state, job.error = FAILED, str(exc)
+                if not isinstance(exc, (NodeError, ValueError)):
+                    logger.exception("Job %s (%s on %s) failed", job.id, job.kind, self.model)
+                job.future.set_exception(exc)
+            else:
+                job.state = DONE
+                job.future.set_result(result)
+            job.finished = time.time()
+            with self._lock:
+                self._running = None
+                key = job.state if job.state in self._counts else FAILED
+                self._counts[key] += 1
+                if job.state == DONE:
+                    self._durations.append(job.finished - (job.started or job.finished))
+
+
+class InferencePool:
+    """The node's inference queues, one per model, created on first use.
+
+    Parameters
+    ----------
+    settings
+        ``settings.api`` (queue size, Retry-After) and the model sections.
+    loader
+        ``loader(name, settings)`` returns a segmenter; default :func:`models.registry.load_segmenter`.
+    """
+
+    def __init__(self, settings: Settings,
+                 loader: Callable[[str, Settings], Segmenter] | None = None) -> None:
+        self.settings = settings
+        if loader is None:
+            from models.registry import load_segmenter
+
+            loader = load_segmenter
+        self._loader = loader
+        self._queues: dict[str, InferenceQueue] = {}
+        self._jobs: OrderedDict[str, Job[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def model_names() -> list[str]:
+        from models.registry import available_models
+
+        return available_models()
+
+    def resolve_name(self, name: str | None) -> str:
+        """Normalise a requested model name (empty = the configured default).
+
+        Raises
+        ------
+        UnknownModelError
+            When the name is not a known model.
+        """
+        key = (name or self.settings.model.default).strip().lower()
+        known = self.model_names()
+        if key not in known:
+            raise UnknownModelError(f"model '{name}' is unknown; known models: {', '.join(known)}.")
+        return key
+
+    def queue(self, name: str | None = None) -> InferenceQueue:
+        """The queue of model ``name`` (created and started on first use).
+
+        Raises
+        ------
+        UnknownModelError
+            When the name is not a known model.
+        """
+        key = self.resolve_name(name)
+        with self._lock:
+            q = self._queues.get(key)
+            if q is None:
+                q = InferenceQueue(key, lambda: self._loader(key, self.settings),
+                                   maxsize=self.settings.api.queue_size,
+                                   retry_after=self.settings.api.retry_after_seconds)
+                q.start()
+                self._queues[key] = q
+            return q
+
+    def submit(self, model: str | None, fn: Callable[[Segmenter, JobContext], T], *, kind: str = "segment",
+               user: str = "", priority: int = BATCH) -> Job[T]:
+        """Queue ``fn`` on the model's queue and remember the job for :meth:`job`.
+
+        Raises
+        ------
+        UnknownModelError, QueueFullError
+        """
+        job = self.queue(model).submit(fn, kind=kind, user=user, priority=priority)
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > _KEEP_FINISHED:
+                oldest_id, oldest = next(iter(self._jobs.items()))
+                if oldest.state in (QUEUED, RUNNING):
+                    break
+                self._jobs.pop(oldest_id)
+        return job
+
+    def job(self, job_id: str) -> Job[Any] | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> bool | None:
+        """Cancel a job by id; None when unknown, False when it had already finished."""
+        job = self.job(job_id)
+        if job is None:
+            return None
+        return self._queues[job.model].cancel(job)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            queues = list(self._queues.values())
+        return {q.model: q.status() for q in queues}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            queues = list(self._queues.values())
+        for q in queues:
+            q.stop(timeout)
+
+
+__all__ = [
+    "BATCH", "CANCELLED", "DONE", "FAILED", "INTERACTIVE", "QUEUED", "RUNNING", "InferencePool", "InferenceQueue", "Job", "JobCancelledError",
+    "JobContext", "ModelUnavailableError", "QueueFullError", "UnknownModelError",
+]
