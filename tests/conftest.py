@@ -70,7 +70,7 @@ def ct_series(tmp_path: Path) -> peers.CtSeries:
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Proc]:
     """One Orthanc for the session (its own config and storage, HTTP and DICOM on free ports)."""
     if not peers.have(peers.ORTHANC):
-        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
+        pytest.fail("Orthanc is not installed (apt-get install orthanc): scripts/install.sh --test installs the peers the tests need")
     proc = peers.start_orthanc(tmp_path_factory.mktemp("orthanc"))
     yield proc
     proc.stop(timeout=15)

@@ -157,7 +157,7 @@ def test_cstore_series_3d_over_uvicorn_with_delivery(tmp_path: Path, segmenter: 
 @pytest.fixture(scope="module")
 def orthanc_dw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Proc]:
     if not peers.have(peers.ORTHANC) or not dw_helpers.DICOMWEB_PLUGIN.exists():
-        pytest.skip("Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc orthanc-dicomweb)")
+        pytest.fail("Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc orthanc-dicomweb): scripts/install.sh --test installs the peers the tests need")
     proc = dw_helpers.start_orthanc_dicomweb(tmp_path_factory.mktemp("orthanc-api"))
     yield proc
     proc.stop(timeout=15)

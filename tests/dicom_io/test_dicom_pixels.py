@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -90,7 +89,6 @@ def test_compressed_transfer_syntaxes(tmp_path: Path, reference: Phantom, ts: py
 
 
 @pytest.mark.peers
-@pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="dcmtk dcmcjpeg not installed")
 def test_jpeg_lossless_via_dcmtk(tmp_path: Path, reference: Phantom) -> None:
     """pydicom has no JPEG Lossless encoder; dcmtk's dcmcjpeg (+e1: process 14 SV1) writes it."""
     out = tmp_path / "jpeg"

@@ -11,7 +11,7 @@ from dw_helpers import AUTH_PASSWORD, AUTH_USER, DICOMWEB_PLUGIN, start_orthanc_
 
 def _need_orthanc() -> None:
     if not peers.have(peers.ORTHANC) or not DICOMWEB_PLUGIN.exists():
-        pytest.skip("Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc orthanc-dicomweb)")
+        pytest.fail("Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc orthanc-dicomweb): scripts/install.sh --test installs the peers the tests need")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ DCMTK_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
 
 def _dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     if not peers.have("storescu"):
-        pytest.skip("dcmtk is not installed")
+        pytest.fail("dcmtk is not installed: scripts/install.sh --test installs the peers the tests need")
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
 
 
