@@ -686,8 +686,9 @@ class ApiContext:
     def deliver_blocking(self, seg_path: Path, destinations: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Put a SEG into the store and hand it to each destination; returns the state per destination.
 
-        DIMSE destinations go through the persisted outbox (retried by ``ainode serve``); DICOMweb and
-        XNAT archives are sent to at once (STOW-RS / XNAT import) from a background thread.
+        Every destination (C-STORE, STOW-RS, XNAT) goes through the persisted outbox, retried with
+        backoff across restarts by ``ainode serve``. Without an outbox (an app embedded without the
+        node service), DICOMweb and XNAT archives are sent to once from a background thread.
         """
         from node.archives import destination
 
@@ -697,12 +698,11 @@ class ApiContext:
         out: dict[str, dict[str, Any]] = {}
         for name in destinations:
             dest = destination(name, self.settings)
-            if dest.kind == "dimse":
-                if self.outbox is None:
-                    out[name] = {"state": "not queued", "detail": "the node runs without an outbox"}
-                    continue
+            if self.outbox is not None:
                 self.outbox.enqueue(put.sop_instance_uid, put.path, [name])
                 out[name] = {"state": "pending"}
+            elif dest.kind == "dimse":
+                out[name] = {"state": "not queued", "detail": "the node runs without an outbox"}
             else:
                 key = (put.sop_instance_uid, name)
                 with self._results_lock:
