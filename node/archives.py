@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from config.settings import DestinationSettings, Settings
 from dicom_io.dicomweb import DicomwebClient, PullResult
@@ -17,6 +18,8 @@ from dicom_io.scu import StoreResult
 from dicom_io.store import InstanceInfo, Store
 from dicom_io.xnat import XnatClient, XnatPullResult, XnatSession
 from node.errors import ConfigurationError
+
+_C = TypeVar("_C")
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +65,7 @@ def open_dicomweb(name: str, settings: Settings) -> DicomwebClient:
     ConfigurationError
         When the destination is missing, of another kind, or its settings are unusable.
     """
-    dest = destination(name, settings)
-    try:
-        return DicomwebClient.from_settings(name, dest)
-    except (ValueError, OSError) as exc:
-        raise ConfigurationError(f"Destination '{name}': {exc}") from exc
+    return _open(name, settings, DicomwebClient.from_settings)
 
 
 def open_xnat(name: str, settings: Settings) -> XnatClient:
@@ -77,9 +76,13 @@ def open_xnat(name: str, settings: Settings) -> XnatClient:
     ConfigurationError
         When the destination is missing, of another kind, or its settings are unusable.
     """
+    return _open(name, settings, XnatClient.from_settings)
+
+
+def _open(name: str, settings: Settings, factory: Callable[[str, Any], _C]) -> _C:
     dest = destination(name, settings)
     try:
-        return XnatClient.from_settings(name, dest)
+        return factory(name, dest)
     except (ValueError, OSError) as exc:
         raise ConfigurationError(f"Destination '{name}': {exc}") from exc
 
