@@ -30,8 +30,10 @@ from dicom_io.store import (
     InstanceValidationError,
     PutResult,
     Store,
+    StagedInstance,
     StoreFullError,
     check_encoding,
+    read_file_meta,
 )
 
 if TYPE_CHECKING:
@@ -525,8 +527,9 @@ class DicomwebClient:
                 progress(result.held, result.expected)
             return result
         sink = _StoreSink(store, study_instance_uid, series_instance_uid, origin, result, self.concurrency, progress)
-        spool = spool_dir(store)
         try:
+            store.check_space()
+            spool = spool_dir(store)
             if held and missing:
                 result.duplicates = len(held & set(expected))
                 logger.info("Series %s: %d of %d instances held; fetching the %d missing", series_instance_uid,
@@ -536,8 +539,17 @@ class DicomwebClient:
                 self.retrieve_series(study_instance_uid, series_instance_uid, sink.submit, spool_dir=spool)
         except DicomwebError as exc:
             result.error = str(exc)
+        except StoreFullError as exc:
+            sink.full = sink.full or exc
+        except OSError as exc:  # e.g. the spool cannot be written
+            result.error = f"The node cannot write the series: {exc}"
         finally:
             sink.drain()
+            # The whole batch becomes durable (and visible) at once; nothing is reported before.
+            sink.commit()
+        if sink.full is not None:
+            result.error = (f"The node's store is full ({sink.full.strerror or sink.full}); nothing of this "
+                            "transfer was kept. Free space (or lower store.min_free_gb) and pull again.")
         if not held:
             result.expected = count.result()
             if progress:
@@ -571,8 +583,12 @@ class DicomwebClient:
     def _pull_instances(self, study: str, series: str, sop_uids: Sequence[str], sink: _StoreSink,
                         spool: Path) -> None:
         def one(sop: str) -> None:
+            if sink.full is not None:
+                return
             try:
                 self.retrieve_instance(study, series, sop, sink.submit, spool_dir=spool)
+            except StoreFull:
+                pass
             except DicomwebError as exc:
                 sink.fail(sop, str(exc))
 
@@ -692,11 +708,20 @@ class DicomwebClient:
         return out
 
 
-class _StoreSink:
-    """Receives WADO-RS parts and stores them in small batches on a worker pool, bounded in flight."""
+#: Threads flushing a pull's staged files (they mostly wait on the disk).
+FLUSH_WORKERS = 16
 
-    #: Parts stored together (one directory fsync and one lock round per batch when the store offers put_many).
-    BATCH = 8
+
+class StoreFull(DicomwebError):
+    """The node's store ran out of space (or below its reserve) during a pull; the pull was stopped."""
+
+
+class _StoreSink:
+    """Receives WADO-RS parts, checks them and writes them as temp files on a worker pool (staged);
+    their flushes run on a pool of their own while the stream goes on. :meth:`commit` then makes the
+    whole batch visible at once (renames, directory fsyncs, one index transaction). Nothing is
+    reported stored before that.
+    """
 
     def __init__(self, store: Store, study: str, series: str, origin: str, result: PullResult, workers: int,
                  progress: Callable[[int, int | None], None] | None) -> None:
@@ -706,29 +731,32 @@ class _StoreSink:
         self.origin = origin
         self.result = result
         self.progress = progress
+        self.full: StoreFullError | None = None
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(workers * 2)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
         self._futures: list[Future[None]] = []
         self._n = 0
-        self._batch: list[tuple[int, SpooledPart]] = []
-        self._batch_lock = threading.Lock()
+        self._flusher = ThreadPoolExecutor(max_workers=FLUSH_WORKERS, thread_name_prefix="flush")
+        self._flushes: list[tuple[StagedInstance, Future[StagedInstance]]] = []
+        self._pending = 0  # staged, counted for progress
 
     def submit(self, part: SpooledPart) -> None:
-        """Take a complete part (called from the reading thread, or several fetching threads)."""
-        with self._batch_lock:
-            self._n += 1
-            self._batch.append((self._n, part))
-            if len(self._batch) < self.BATCH and part.in_memory:
-                return
-            batch, self._batch = self._batch, []
-        self._dispatch(batch)
+        """Take a complete part (called from the reading thread, or several fetching threads).
 
-    def _dispatch(self, batch: list[tuple[int, SpooledPart]]) -> None:
-        if not batch:
-            return
+        Raises
+        ------
+        StoreFull
+            When the store is full: the transfer stops.
+        """
+        if self.full is not None:
+            part.discard()
+            raise StoreFull(f"The node's store is full: {self.full.strerror or self.full}")
+        with self._lock:
+            self._n += 1
+            n = self._n
         self._slots.acquire()
-        fut = self._pool.submit(self._store, batch)
+        fut = self._pool.submit(self._stage, n, part)
         fut.add_done_callback(lambda _f: self._slots.release())
         self._futures.append(fut)
 
@@ -736,57 +764,76 @@ class _StoreSink:
         with self._lock:
             self.result.failed[key] = reason
 
+    def _stage(self, n: int, part: SpooledPart) -> None:
+        try:
+            info, payload = prepare_part(part, expect_series=self.series)
+            data: Any = payload if payload is not None else part.path.read_bytes()  # type: ignore[union-attr]
+            staged = self.store.stage(data, info, calling_ae_title=self.origin, kind=KIND_RECEIVED)
+        except InstanceValidationError as exc:
+            self.fail(f"part {n}", str(exc))
+            return
+        except StoreFullError as exc:
+            with self._lock:
+                self.full = self.full or exc
+            self.fail(f"part {n}", f"store full: {exc.strerror or exc}")
+            return
+        except OSError as exc:
+            self.fail(f"part {n}", f"cannot write: {exc}")
+            return
+        finally:
+            part.discard()
+        with self._lock:
+            if isinstance(staged, StagedInstance):
+                # Flushed on a pool of its own while the stream goes on: a new file's flush mostly
+                # waits for a file-system journal commit, and concurrent flushes share commits.
+                self._flushes.append((staged, self._flusher.submit(self.store.flush_staged, staged)))
+                self._pending += 1
+            else:
+                self.result.duplicates += 1
+            held, expected = self.result.held + self._pending, self.result.expected
+        if self.progress:
+            self.progress(held, expected)
+
     def drain(self) -> None:
-        """Store what is still batched and wait for the workers (thread-safe against concurrent submit)."""
-        with self._batch_lock:
-            batch, self._batch = self._batch, []
-        self._dispatch(batch)
+        """Wait for the workers."""
         self._pool.shutdown(wait=True)
+        self._flusher.shutdown(wait=True)
         for fut in self._futures:
             exc = fut.exception()
             if exc is not None:
                 logger.error("Storing a retrieved instance failed: %s", exc)
 
-    def _store(self, batch: list[tuple[int, SpooledPart]]) -> None:
-        ready: list[tuple[int, SpooledPart, InstanceInfo, Sequence[bytes | memoryview] | None]] = []
-        for n, part in batch:
-            try:
-                info, payload = prepare_part(part, expect_series=self.series)
-                ready.append((n, part, info, payload))
-            except InstanceValidationError as exc:
-                part.discard()
-                self.fail(f"part {n}", str(exc))
-        put_many = getattr(self.store, "put_many", None)
-        in_memory = [r for r in ready if r[3] is not None]
-        results: list[tuple[int, PutResult | Exception]] = []
-        if put_many is not None and len(in_memory) > 1:
-            try:
-                puts = put_many([(r[3], r[2]) for r in in_memory], calling_ae_title=self.origin)
-                results += [(r[0], put) for r, put in zip(in_memory, puts)]
-            except (InstanceValidationError, StoreFullError, OSError) as exc:
-                results += [(r[0], exc) for r in in_memory]
-            rest = [r for r in ready if r[3] is None]
-        else:
-            rest = ready
-        for n, part, info, payload in rest:
-            try:
-                results.append((n, _put(self.store, part, info, payload, self.origin, KIND_RECEIVED)))
-            except (InstanceValidationError, StoreFullError, OSError) as exc:
-                results.append((n, exc))
-        for _n, part, _i, _p in ready:
-            part.discard()
+    def commit(self) -> None:
+        """Make everything staged durable and indexed (or, after a failure, remove it)."""
         with self._lock:
-            for n, outcome in results:
-                if isinstance(outcome, Exception):
-                    self.result.failed[f"part {n}"] = str(outcome)
-                elif outcome.duplicate:
-                    self.result.duplicates += 1
-                else:
-                    self.result.stored += 1
-                    self.result.bytes += outcome.size
-            held, expected = self.result.held, self.result.expected
-        if self.progress:
-            self.progress(held, expected)
+            flushes, self._flushes, self._pending = self._flushes, [], 0
+        staged: list[StagedInstance] = []
+        error: BaseException | None = None
+        for original, fut in flushes:
+            exc = fut.exception()
+            staged.append(original if exc is not None else fut.result())
+            error = error or exc
+        if error is not None and self.full is None:
+            self.store.discard_staged(staged)
+            self.result.error = f"The series could not be made durable: {error}"
+            return
+        if self.full is not None:
+            self.store.discard_staged(staged)
+            for st in staged:
+                self.result.failed.setdefault(st.info.sop_instance_uid, "not stored: the store is full")
+            return
+        try:
+            puts = self.store.commit_staged(staged)
+        except OSError as exc:
+            for st in staged:
+                self.result.failed[st.info.sop_instance_uid] = f"cannot make durable: {exc}"
+            return
+        for put in puts:
+            if put.duplicate:
+                self.result.duplicates += 1
+            else:
+                self.result.stored += 1
+                self.result.bytes += put.size
 
 
 def store_part(store: Store, part: SpooledPart, *, calling_ae_title: str = "", kind: str = KIND_RECEIVED,
@@ -894,38 +941,6 @@ def spool_dir(store: Store, max_age_seconds: float = 3600.0) -> Path:
         except OSError:
             pass
     return spool
-
-
-_LONG_META_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-
-
-def read_file_meta(data: bytes | memoryview) -> tuple[str, int]:
-    """The transfer syntax of a Part 10 file and the offset where its data set starts (PS3.10 7.1).
-
-    Raises
-    ------
-    InstanceValidationError
-        ``kind="decode"`` when there is no ``DICM`` prefix or the file meta information is broken.
-    """
-    buf = memoryview(data)
-    if bytes(buf[128:132]) != b"DICM":
-        raise InstanceValidationError("Part is not a DICOM Part 10 file (no 'DICM' prefix).", kind="decode")
-    pos, ts = 132, ""
-    while pos + 8 <= len(buf) and int.from_bytes(buf[pos:pos + 2], "little") == 0x0002:
-        elem = int.from_bytes(buf[pos + 2:pos + 4], "little")
-        vr = bytes(buf[pos + 4:pos + 6])
-        if vr in _LONG_META_VRS:
-            length, header = int.from_bytes(buf[pos + 8:pos + 12], "little"), 12
-        else:
-            length, header = int.from_bytes(buf[pos + 6:pos + 8], "little"), 8
-        if length == 0xFFFFFFFF or pos + header + length > len(buf):
-            raise InstanceValidationError("File meta information is truncated or malformed.", kind="decode")
-        if elem == 0x0010:
-            ts = bytes(buf[pos + header:pos + header + length]).decode("ascii", "replace").strip(" \x00")
-        pos += header + length
-    if not ts:
-        raise InstanceValidationError("File meta information has no Transfer Syntax UID.", kind="decode")
-    return ts, pos
 
 
 def _valid_uid(uid: str) -> bool:

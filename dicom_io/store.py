@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -10,9 +11,12 @@ import os
 import re
 import secrets
 import sqlite3
+import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +88,13 @@ class InstanceValidationError(DicomInputError):
     def __init__(self, message: str, kind: str = "decode") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+#: Longest pause (seconds) of the placer before it places acknowledged instances without a kick.
+PLACER_PAUSE = 0.005
+
+#: Room kept beyond a journaled instance's own size when checking free space (directory and inode blocks).
+_SPACE_MARGIN = 256 * 1024
 
 
 class StoreFullError(OSError):
@@ -353,6 +364,38 @@ def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, little: boo
             pos += length
 
 
+_LONG_META_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+
+
+def read_file_meta(data: bytes | bytearray | memoryview) -> tuple[str, int]:
+    """The transfer syntax of a Part 10 file and the offset where its data set starts (PS3.10 7.1).
+
+    Raises
+    ------
+    InstanceValidationError
+        ``kind="decode"`` when there is no ``DICM`` prefix or the file meta information is broken.
+    """
+    buf = memoryview(data)
+    if bytes(buf[128:132]) != b"DICM":
+        raise InstanceValidationError("Part is not a DICOM Part 10 file (no 'DICM' prefix).", kind="decode")
+    pos, ts = 132, ""
+    while pos + 8 <= len(buf) and int.from_bytes(buf[pos:pos + 2], "little") == 0x0002:
+        elem = int.from_bytes(buf[pos + 2:pos + 4], "little")
+        vr = bytes(buf[pos + 4:pos + 6])
+        if vr in _LONG_META_VRS:
+            length, header = int.from_bytes(buf[pos + 8:pos + 12], "little"), 12
+        else:
+            length, header = int.from_bytes(buf[pos + 6:pos + 8], "little"), 8
+        if length == 0xFFFFFFFF or pos + header + length > len(buf):
+            raise InstanceValidationError("File meta information is truncated or malformed.", kind="decode")
+        if elem == 0x0010:
+            ts = bytes(buf[pos + header:pos + header + length]).decode("ascii", "replace").strip(" \x00")
+        pos += header + length
+    if not ts:
+        raise InstanceValidationError("File meta information has no Transfer Syntax UID.", kind="decode")
+    return ts, pos
+
+
 def encode_file_meta(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, *,
     implementation_class_uid: str, implementation_version_name: str = "", source_ae_title: str = "",
@@ -380,6 +423,349 @@ def encode_file_meta(
     return b"\x00" * 128 + b"DICM" + el(0x0000, b"UL", len(body).to_bytes(4, "little"), b"") + body
 
 
+# --- acknowledgement journal ---------------------------------------------------------------------
+#
+# A ring of pre-allocated, zero-filled segment files under <store>/journal. An instance is appended
+# as one record (header, JSON meta, the complete Part 10 file) and fdatasync'ed. The segment's blocks
+# were written and fsynced when it was created, so that flush has no file-system metadata to commit:
+# it is one data write plus one cache flush, where a new file costs a journal commit for its blocks
+# and another for its directory entry. Once the record is durable the instance is placed (written,
+# renamed, indexed) without further flushes, and acknowledged. A checkpointer thread later makes the
+# placed files durable all at once (syncfs) and only then advances the durable checkpoint, which frees
+# the segments behind it. Recovery replays every record newer than the checkpoint before anything is
+# served. See docs/node.md "Durability guarantees".
+
+_JOURNAL_MAGIC = b"AINJRNL1"
+_JOURNAL_HEADER = struct.Struct("<8sQIQI")  # magic, seq, meta length, payload length, crc32(meta + payload)
+_JOURNAL_HEADER_SIZE = 64                   # header (32 bytes) + its crc32 (4), zero padded
+_CHECKPOINT_MAGIC = b"AINJCKP1"
+_ALIGN = 4096
+#: Segments in the ring; each is ``journal_bytes / _JOURNAL_SEGMENTS`` long.
+_JOURNAL_SEGMENTS = 4
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _encode_record(seq: int, meta: bytes, parts: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes, int]:
+    """The record header for ``meta`` + ``parts`` and the record's total length."""
+    crc = zlib.crc32(meta)
+    length = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        length += memoryview(part).nbytes
+    head = _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, seq, len(meta), length, crc)
+    head += zlib.crc32(head).to_bytes(4, "little")
+    return head.ljust(_JOURNAL_HEADER_SIZE, b"\0"), _JOURNAL_HEADER_SIZE + len(meta) + length
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """A record read back from the journal: its sequence number, meta (AE title, kind, time) and file bytes."""
+
+    seq: int
+    meta: dict[str, Any]
+    data: bytes
+
+
+def read_journal(directory: Path) -> tuple[int, int, list[JournalRecord]]:
+    """Scan a journal directory: (durable checkpoint, highest sequence number seen, records after the checkpoint).
+
+    A segment is read from its start up to the first record that is not intact (a torn tail: bad
+    header, bad checksum, or running past the end); records at or below the checkpoint are stale.
+    """
+    checkpoint = _read_checkpoint(directory)
+    highest = checkpoint
+    records: list[JournalRecord] = []
+    for seg in sorted(directory.glob("seg-*.bin")):
+        with open(seg, "rb") as fh:
+            data = fh.read()
+        pos = 0
+        while pos + _JOURNAL_HEADER_SIZE <= len(data):
+            head = data[pos:pos + _JOURNAL_HEADER.size]
+            magic, seq, meta_len, length, crc = _JOURNAL_HEADER.unpack(head)
+            if magic != _JOURNAL_MAGIC or zlib.crc32(head) != int.from_bytes(
+                    data[pos + _JOURNAL_HEADER.size:pos + _JOURNAL_HEADER.size + 4], "little"):
+                break
+            start = pos + _JOURNAL_HEADER_SIZE
+            end = start + meta_len + length
+            if end > len(data) or zlib.crc32(memoryview(data)[start:end]) != crc:
+                break  # torn: never acknowledged
+            highest = max(highest, seq)
+            if seq > checkpoint:
+                try:
+                    meta = json.loads(data[start:start + meta_len])
+                except ValueError:
+                    meta = {}
+                records.append(JournalRecord(seq, meta if isinstance(meta, dict) else {},
+                                             data[start + meta_len:end]))
+            pos += _aligned(end - pos)
+    records.sort(key=lambda r: r.seq)
+    return checkpoint, highest, records
+
+
+def _read_checkpoint(directory: Path) -> int:
+    try:
+        raw = (directory / "checkpoint").read_bytes()
+    except FileNotFoundError:
+        return 0
+    if len(raw) == 20 and raw[:8] == _CHECKPOINT_MAGIC and zlib.crc32(raw[:16]) == int.from_bytes(raw[16:], "little"):
+        return int.from_bytes(raw[8:16], "little")
+    raise OSError(errno.EIO, "Journal checkpoint is unreadable", str(directory / "checkpoint"))
+
+
+def _write_checkpoint(directory: Path, seq: int) -> None:
+    """Durably replace the checkpoint (write, fsync, rename, directory fsync)."""
+    body = _CHECKPOINT_MAGIC + seq.to_bytes(8, "little")
+    tmp = directory / "checkpoint.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, body + zlib.crc32(body).to_bytes(4, "little"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, directory / "checkpoint")
+    _fsync_dir(directory)
+
+
+_libc: Any = None
+
+
+def _get_libc() -> Any:
+    """The C library through ctypes (for syncfs and sync_file_range), or False when unavailable."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        try:
+            lib = ctypes.CDLL(None, use_errno=True)
+            lib.syncfs  # noqa: B018 - probe
+            _libc = lib
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc
+
+
+def syncfs(path: Path) -> None:
+    """Flush everything of the file system holding ``path`` to stable storage (syncfs(2); sync(2) without it).
+
+    Raises
+    ------
+    OSError
+        When the kernel reports a write-back error.
+    """
+    import ctypes
+
+    lib = _get_libc()
+    if not lib:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if lib.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(path))
+    finally:
+        os.close(fd)
+
+
+class _Segment:
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.state = "free"      # free -> active -> full -> free (after a checkpoint covers last_seq)
+        self.last_seq = 0
+
+
+class _Journal:
+    """The acknowledgement journal of a serving store (see the comment above :func:`read_journal`)."""
+
+    def __init__(self, directory: Path, total_bytes: int, sync_path: Path, after_seq: int,
+                 idle_checkpoint_seconds: float = 1.0) -> None:
+        self.directory = directory
+        self.segment_bytes = max(1 << 20, _aligned(total_bytes // _JOURNAL_SEGMENTS))
+        self.sync_path = sync_path
+        self.idle_checkpoint_seconds = idle_checkpoint_seconds
+        self.checkpoint = after_seq
+        self.seq = after_seq
+        self._segments: list[_Segment] = []
+        self._active: _Segment | None = None
+        self._offset = 0
+        self._inflight: set[int] = set()
+        self._lock = threading.Lock()        # appends (write + flush) are serialised
+        self._state = threading.Condition()  # segment states, in-flight set, checkpointer wake-ups
+        self._stop = False
+        self._force = False
+        self._last_append = 0.0
+        self.appended = 0
+        self.bypassed = 0
+        #: Called just before each record's flush (the store wakes its placer then).
+        self.before_flush: Callable[[], None] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in sorted(directory.glob("seg-*.bin")):
+            if path.stat().st_size != self.segment_bytes:
+                path.unlink()  # from another journal size; replayed already
+                continue
+            self._segments.append(_Segment(path, os.open(path, os.O_RDWR | os.O_CLOEXEC)))
+        if not self._segments:
+            self._create_segment()
+        self._thread = threading.Thread(target=self._run, name="store-journal", daemon=True)
+        self._thread.start()
+
+    @property
+    def max_record(self) -> int:
+        """Records larger than this bypass the journal (the file is flushed on its own instead)."""
+        return self.segment_bytes // 2
+
+    def _create_segment(self) -> bool:
+        index = len(self._segments)
+        if index >= _JOURNAL_SEGMENTS:
+            return False
+        path = self.directory / f"seg-{index:02d}.bin"
+        tmp = path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                zeros = bytes(1 << 20)
+                for _ in range(self.segment_bytes // len(zeros)):
+                    os.write(fd, zeros)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.rename(tmp, path)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            logger.warning("Journal segment %s cannot be created (%s); instances are flushed one by one meanwhile",
+                           path.name, exc)
+            return False
+        with self._state:
+            self._segments.append(_Segment(path, fd))
+        return True
+
+    def append(self, meta: bytes, parts: Sequence[bytes | bytearray | memoryview]) -> int | None:
+        """Write one record durably; its sequence number, or None when it must bypass the journal.
+
+        Raises
+        ------
+        OSError
+            When the write or the flush fails (nothing was acknowledged).
+        """
+        size = _JOURNAL_HEADER_SIZE + len(meta) + sum(memoryview(p).nbytes for p in parts)
+        if size > self.max_record:
+            self.bypassed += 1
+            return None
+        with self._lock:
+            with self._state:
+                seg = self._active
+                if seg is None or self._offset + size > self.segment_bytes:
+                    if seg is not None:
+                        seg.state = "full"
+                        self._active = None
+                    seg = next((s for s in self._segments if s.state == "free"), None)
+                    self._state.notify_all()
+                    if seg is None:
+                        self.bypassed += 1
+                        return None
+                    seg.state, self._active, self._offset = "active", seg, 0
+                seq = self.seq + 1
+                offset = self._offset
+            head, _ = _encode_record(seq, meta, parts)
+            written = os.pwritev(seg.fd, [head, meta, *parts], offset)
+            if written != size:
+                raise OSError(errno.EIO, f"Short journal write ({written} of {size} bytes)", str(seg.path))
+            if self.before_flush is not None:
+                self.before_flush()
+            os.fdatasync(seg.fd)
+            with self._state:
+                self.seq = seq
+                self._offset = offset + _aligned(size)
+                seg.last_seq = seq
+                self._inflight.add(seq)
+                self._last_append = time.monotonic()
+                self.appended += 1
+        return seq
+
+    def done(self, seq: int) -> None:
+        """The record's instance is placed (or was refused): the checkpoint may pass it."""
+        with self._state:
+            self._inflight.discard(seq)
+            if not self._inflight:
+                self._state.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Checkpoint everything placed so far, now (before deleting files, and on close)."""
+        with self._state:
+            want = self._target()
+            deadline = time.monotonic() + timeout
+            while self.checkpoint < want and not self._stop and time.monotonic() < deadline:
+                self._force = True
+                self._state.notify_all()
+                self._state.wait(0.05)
+
+    def close(self) -> None:
+        self.flush()
+        with self._state:
+            self._stop = True
+            self._state.notify_all()
+        self._thread.join(timeout=30)
+        try:
+            self._checkpoint()  # whatever the thread left
+        except OSError as exc:
+            logger.error("Final journal checkpoint failed (the journal is replayed at the next start): %s", exc)
+        for seg in self._segments:
+            os.close(seg.fd)
+        self._segments.clear()
+
+    def _target(self) -> int:
+        return (min(self._inflight) - 1) if self._inflight else self.seq
+
+    def _run(self) -> None:
+        while True:
+            with self._state:
+                while not self._stop:
+                    target = self._target()
+                    full = any(s.state == "full" and s.last_seq <= target for s in self._segments)
+                    spare = any(s.state == "free" for s in self._segments)
+                    idle = (target > self.checkpoint
+                            and time.monotonic() - self._last_append >= self.idle_checkpoint_seconds)
+                    create = not spare and len(self._segments) < _JOURNAL_SEGMENTS
+                    checkpoint = self._force or full or idle
+                    if checkpoint or create:
+                        break
+                    self._state.wait(min(self.idle_checkpoint_seconds / 2, 1.0))
+                if self._stop:
+                    return
+            if create and not self._create_segment():
+                time.sleep(1.0)  # e.g. the disk is full: try again later
+            if checkpoint:
+                try:
+                    self._checkpoint()
+                except OSError as exc:
+                    logger.error("Journal checkpoint failed (retrying): %s", exc)
+                    time.sleep(1.0)
+                with self._state:
+                    self._force = False
+                    self._state.notify_all()
+
+    def _checkpoint(self) -> None:
+        with self._state:
+            target = self._target()
+        if target > self.checkpoint:
+            # Every record up to ``target`` is placed: make those files, directory entries and index
+            # rows durable, then record that the journal no longer needs them.
+            syncfs(self.sync_path)
+            _write_checkpoint(self.directory, target)
+        with self._state:
+            self.checkpoint = max(self.checkpoint, target)
+            for seg in self._segments:
+                if seg.state == "full" and seg.last_seq <= self.checkpoint:
+                    seg.state = "free"
+            self._state.notify_all()
+
+
 @dataclass(frozen=True)
 class PutResult:
     """Outcome of :meth:`Store.put`: ``duplicate`` when the SOP Instance UID was already held."""
@@ -388,6 +774,33 @@ class PutResult:
     path: Path
     size: int
     duplicate: bool
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A journaled (acknowledged) instance waiting for the placer thread."""
+
+    seq: int
+    info: InstanceInfo
+    parts: Sequence[bytes | bytearray | memoryview]
+    size: int
+    when: float
+    calling_ae_title: str
+    kind: str
+    final: Path
+
+
+@dataclass(frozen=True)
+class StagedInstance:
+    """An instance written by :meth:`Store.stage` but not yet durable or visible (see :meth:`Store.commit_staged`)."""
+
+    info: InstanceInfo
+    tmp: Path
+    size: int
+    calling_ae_title: str
+    kind: str
+    received_at: float
+    flushed: bool = False
 
 
 @dataclass(frozen=True)
@@ -438,6 +851,8 @@ class RecoveryReport:
     """What :meth:`Store.recover` did."""
 
     partials_removed: int = 0
+    #: Acknowledged instances written again from the journal (placed files lost or incomplete in a crash).
+    replayed: int = 0
     reindexed: int = 0
     quarantined: int = 0
     missing_removed: int = 0
@@ -460,9 +875,13 @@ class Store:
     data with a ``.json`` reason), ``index.sqlite`` (WAL). The files are the source of truth:
     :meth:`recover` rebuilds missing index rows from them.
 
-    Durability contract of :meth:`put`: when it returns, the bytes are fsynced, the file has been
-    renamed to its final name, its directory fsynced and the index row committed. Only then may a
-    C-STORE be acknowledged.
+    Durability contract of :meth:`put`: when it returns, the instance survives ``kill -9`` and power
+    loss and is indexed. Without the journal: the file is fdatasync'ed, renamed to its final name,
+    its directory fsynced and the index row committed. With the journal (:meth:`start_journal`, the
+    serving node): the complete file is appended to the journal and fdatasync'ed first, then written,
+    renamed and indexed without further flushes; a later checkpoint makes those durable (syncfs) and
+    :meth:`recover` replays every record the checkpoint does not cover. Only then may a C-STORE be
+    acknowledged.
 
     Parameters
     ----------
@@ -485,6 +904,19 @@ class Store:
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._owner_fd: int | None = None
+        self._journal: _Journal | None = None
+        self._replayed = 0
+        # Asynchronous placement of journaled instances (see put and _place_loop).
+        self._queue: deque[_Pending] = deque()
+        self._pending: dict[str, _Pending] = {}
+        self._queue_cv = threading.Condition()
+        self._enqueued = 0
+        self._placed = 0
+        self._placer_stop = False
+        self._placer_failing = False  # placement keeps failing (e.g. disk full): reads do not wait
+        self._kicked = False
+        self._placer_thread: threading.Thread | None = None
+        self._journal_after: int | None = None  # highest journal sequence number, once replayed
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         # WAL; NORMAL sync is enough because the index is rebuilt from the fsynced files on recovery.
@@ -531,9 +963,106 @@ class Store:
             self._owner_fd = None
 
     def close(self) -> None:
+        self.stop_journal()
         with self._lock:
             self._db.close()
         self.release_owner_lock()
+
+    # --- acknowledgement journal --------------------------------------------------------------
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.root / "journal"
+
+    def start_journal(self, total_bytes: int, *, idle_checkpoint_seconds: float = 1.0) -> bool:
+        """Acknowledge through the journal from now on (the serving node does this after :meth:`recover`).
+
+        Only the owner of the store (see :meth:`acquire_owner_lock`) may; records left by a crash are
+        replayed first. ``total_bytes`` is the ring's size on disk (pre-allocated); after
+        ``idle_checkpoint_seconds`` without a new instance everything placed is checkpointed. Returns
+        False (and keeps flushing every file on its own) when the journal cannot be set up.
+        """
+        if self._journal is not None or not self.durable or total_bytes <= 0:
+            return self._journal is not None
+        if self._owner_fd is None:
+            raise RuntimeError("Only the process that owns the store (serve lock) may start its journal.")
+        try:
+            after = self._journal_after if self._journal_after is not None else self._replay_journal()
+            self._journal = _Journal(self.journal_dir, total_bytes, self.root, after, idle_checkpoint_seconds)
+        except OSError as exc:
+            logger.warning("Store journal unavailable (%s); every instance is flushed on its own", exc)
+            return False
+        self._placer_stop = False
+        self._journal.before_flush = self._kick_placer
+        self._placer_thread = threading.Thread(target=self._place_loop, name="store-placer", daemon=True)
+        self._placer_thread.start()
+        return True
+
+    def stop_journal(self) -> None:
+        """Checkpoint and close the journal (on shutdown); nothing is left to replay afterwards."""
+        if self._placer_thread is not None:
+            with self._queue_cv:
+                self._placer_stop = True
+                self._queue_cv.notify_all()
+            self._placer_thread.join(timeout=60)
+            self._placer_thread = None
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            journal.close()
+
+    def _replay_journal(self) -> int:
+        """Place every journal record newer than the checkpoint; returns the highest sequence number.
+
+        Each record is an acknowledged (or about to be acknowledged) instance: it is written again
+        unless the store already holds exactly its bytes, indexed, made durable (syncfs), and only
+        then is the checkpoint advanced past it.
+        """
+        if not self.journal_dir.is_dir():
+            self._journal_after = 0
+            return 0
+        checkpoint, highest, records = read_journal(self.journal_dir)
+        replayed = 0
+        blocked = False
+        for rec in records:
+            try:
+                ts, offset = read_file_meta(rec.data)
+                info = InstanceInfo.from_raw(check_encoding(memoryview(rec.data)[offset:], ts), ts)
+            except InstanceValidationError as exc:  # validated before it was journaled: should not happen
+                logger.error("Journal record %d cannot be read back (%s); kept in quarantine", rec.seq, exc)
+                self.quarantine(rec.data, f"journal record {rec.seq} unreadable at replay: {exc}")
+                continue
+            existing = self._row(info.sop_instance_uid)
+            if existing is not None and _same_bytes(existing.path, rec.data):
+                continue
+            try:
+                series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
+                final = series_dir / f"{info.sop_instance_uid}.dcm"
+                if not _same_bytes(final, rec.data):  # lost, empty or cut short by the crash: write it again
+                    tmp, _size = self._write_tmp(series_dir, info, [rec.data], flush=False)
+                    os.rename(tmp, final)
+            except OSError as exc:
+                # E.g. the disk is full: keep the journal as it is (not checkpointed, not reused) and
+                # replay again at the next start.
+                logger.error("Journal record %d (instance %s) cannot be placed: %s; the journal is kept for the "
+                             "next start", rec.seq, info.sop_instance_uid, exc)
+                blocked = True
+                continue
+            with self._lock:
+                self._index(info, final, len(rec.data), float(rec.meta.get("t") or time.time()),
+                            str(rec.meta.get("ae") or ""), str(rec.meta.get("kind") or KIND_RECEIVED))
+            replayed += 1
+        self._replayed = replayed
+        if blocked:
+            self._journal_after = None
+            raise OSError(errno.ENOSPC, "The journal could not be replayed completely", str(self.journal_dir))
+        if highest > checkpoint:
+            syncfs(self.root)
+            _write_checkpoint(self.journal_dir, highest)
+        if replayed:
+            logger.warning("Store recovery: %d acknowledged instance(s) replayed from the journal", replayed)
+        self._journal_after = highest
+        self._replayed = replayed
+        return highest
 
     def __enter__(self) -> Store:
         return self
@@ -579,23 +1108,151 @@ class Store:
         OSError
             When writing fails (the partial file is removed).
         """
-        for name in ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid"):
-            if not is_valid_uid(getattr(info, name)):
-                raise InstanceValidationError(f"{name} {getattr(info, name)!r} is not a valid UID.", kind="uid")
+        _check_uids(info)
         parts = [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else list(chunks)
-        existing = self.instance(info.sop_instance_uid)
+        existing = self._row(info.sop_instance_uid)
         if existing is not None and existing.path.exists():
             return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
-        if self.min_free_bytes:
-            st = os.statvfs(self.instances_dir)
-            if st.f_bavail * st.f_frsize < self.min_free_bytes:
-                raise StoreFullError(errno.ENOSPC, "Store file system is below its free-space minimum",
-                                     str(self.instances_dir))
+        self.check_space()
+        now = time.time()
         series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
+        journal = self._journal
+        if journal is not None:
+            with self._queue_cv:
+                pending = self._pending.get(info.sop_instance_uid)
+            if pending is not None:
+                return PutResult(info.sop_instance_uid, pending.final, pending.size, duplicate=True)
+            # Acknowledged before its file exists: make sure the file fits (a write that fails for
+            # space after the acknowledgement would have to wait in the journal for space).
+            size = sum(memoryview(p).nbytes for p in parts)
+            self.check_space(needed=size + _SPACE_MARGIN)
+            meta = json.dumps({"ae": calling_ae_title, "kind": kind, "t": now}).encode()
+            seq = journal.append(meta, parts)
+            if seq is not None:
+                # Durable now (the journal record). The placer thread writes, renames and indexes the
+                # file; reads through this store wait for it (:meth:`settle`), recovery replays it.
+                item = _Pending(seq, info, parts, size, now, calling_ae_title, kind,
+                                series_dir / f"{info.sop_instance_uid}.dcm")
+                with self._queue_cv:
+                    if not self._queue:
+                        self._queue_cv.notify_all()  # wake an idle placer (it then waits for a kick)
+                    self._queue.append(item)
+                    self._pending[info.sop_instance_uid] = item
+                    self._enqueued += 1
+                return PutResult(info.sop_instance_uid, item.final, size, duplicate=False)
+        flush = self.durable
+        tmp, size = self._write_tmp(series_dir, info, parts, flush=flush)
+        return self._place(tmp, series_dir, info, size, now, calling_ae_title, kind, flush_dir=flush)
+
+    # --- asynchronous placement (journal) -----------------------------------------------------
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until every instance acknowledged so far is placed and indexed (reads call this)."""
+        thread = self._placer_thread
+        if thread is None or self._lock._is_owned():  # type: ignore[attr-defined]  # the placer needs the lock
+            return
+        with self._queue_cv:
+            target = self._enqueued
+            if self._placed < target:
+                self._kicked = True
+                self._queue_cv.notify_all()
+            deadline = time.monotonic() + timeout
+            while (self._placed < target and thread.is_alive() and not self._placer_failing
+                   and time.monotonic() < deadline):
+                self._queue_cv.wait(0.05)
+
+    def _kick_placer(self) -> None:
+        with self._queue_cv:
+            if self._queue:
+                self._kicked = True
+                self._queue_cv.notify_all()
+
+    def _place_loop(self) -> None:
+        journal = self._journal
+        assert journal is not None
+        while True:
+            with self._queue_cv:
+                while not self._queue and not self._placer_stop:
+                    self._queue_cv.wait()
+                if not self._queue:
+                    return
+                # Work while the next instance's journal flush waits on the disk (the kick comes just
+                # before it), not while the acknowledgement is on its way out; or after a short pause.
+                if not self._kicked and not self._placer_stop:
+                    self._queue_cv.wait(PLACER_PAUSE)
+                self._kicked = False
+                batch = [self._queue[i] for i in range(min(64, len(self._queue)))]
+            rows: list[tuple[InstanceInfo, Path, int, float, str, str]] = []
+            done: list[_Pending] = []
+            failure: OSError | None = None
+            for item in batch:
+                try:
+                    if self._place_pending(item, rows):
+                        pass
+                except OSError as exc:
+                    failure = exc
+                    break
+                done.append(item)
+            try:
+                with self._lock:
+                    self._index_many(rows)
+            except sqlite3.Error as exc:
+                failure, done = OSError(errno.EIO, f"index: {exc}"), []
+            with self._queue_cv:
+                for item in done:
+                    self._queue.popleft()
+                    if self._pending.get(item.info.sop_instance_uid) is item:
+                        del self._pending[item.info.sop_instance_uid]
+                self._placed += len(done)
+                self._placer_failing = failure is not None
+                self._queue_cv.notify_all()
+            for item in done:
+                journal.done(item.seq)
+            if failure is not None:
+                # Acknowledged already and safe in the journal (not checkpointed while it waits here):
+                # retry, and on shutdown leave it for the replay at the next start.
+                logger.error("Placing acknowledged instance %s failed (%s); it stays in the journal and is retried",
+                             batch[len(done)].info.sop_instance_uid, failure)
+                with self._queue_cv:
+                    if self._placer_stop:
+                        return
+                    self._queue_cv.wait(1.0)
+
+    def _place_pending(self, item: _Pending, rows: list[tuple[InstanceInfo, Path, int, float, str, str]]) -> bool:
+        """Write and rename one journaled instance (no flush); adds its index row. False for a duplicate."""
+        info = item.info
+        existing = self._row(info.sop_instance_uid)
+        if existing is not None and existing.path.exists():
+            return False
+        series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
+        tmp, size = self._write_tmp(series_dir, info, item.parts, flush=False)
+        try:
+            os.rename(tmp, item.final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        rows.append((info, item.final, size, item.when, item.calling_ae_title, item.kind))
+        return True
+
+    def check_space(self, needed: int = 0) -> None:
+        """Raise :class:`StoreFullError` when the file system has less free space than the reserve (+ ``needed``)."""
+        if not self.min_free_bytes and not needed:
+            return
+        st = os.statvfs(self.instances_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes + needed:
+            raise StoreFullError(
+                errno.ENOSPC,
+                f"Store file system is below its free-space reserve ({free / 1e6:.1f} MB free, "
+                f"{self.min_free_bytes / 1e6:.1f} MB reserved)", str(self.instances_dir))
+
+    def _write_tmp(self, series_dir: Path, info: InstanceInfo, parts: Sequence[bytes | bytearray | memoryview], *,
+                   flush: bool, writeback: bool = False) -> tuple[Path, int]:
+        """Write ``.<sop>.<random>.partial`` in ``series_dir``; fdatasync'ed when ``flush``. Removed on error."""
         tmp = series_dir / f".{info.sop_instance_uid}.{secrets.token_hex(4)}.partial"
         size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 for part in parts:
                     view = memoryview(part).cast("B")
@@ -603,29 +1260,136 @@ class Store:
                         written = os.write(fd, view)
                         size += written
                         view = view[written:]
-                if self.durable:
+                if flush:
                     os.fdatasync(fd)
+                elif writeback:
+                    _start_writeback(fd)
             finally:
                 os.close(fd)
-        except BaseException:
+        except BaseException as exc:
             _unlink_quietly(tmp)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                    and not isinstance(exc, StoreFullError):
+                raise StoreFullError(exc.errno, f"Store file system is full: {exc.strerror}", str(tmp)) from exc
             raise
+        return tmp, size
+
+    def _place(self, tmp: Path, series_dir: Path, info: InstanceInfo, size: int, when: float, calling_ae_title: str,
+               kind: str, *, flush_dir: bool) -> PutResult:
+        """Rename a written temp file to ``<sop>.dcm`` and index it (or drop it for a racing duplicate)."""
         final = series_dir / f"{info.sop_instance_uid}.dcm"
-        now = time.time()
         with self._lock:
-            existing = self.instance(info.sop_instance_uid)
+            existing = self._row(info.sop_instance_uid)
             if existing is not None and existing.path.exists():
                 _unlink_quietly(tmp)
                 return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
             try:
                 os.rename(tmp, final)
-                if self.durable:
+                if flush_dir:
                     _fsync_dir(series_dir)
             except BaseException:
                 _unlink_quietly(tmp)
                 raise
-            self._index(info, final, size, now, calling_ae_title, kind)
+            self._index(info, final, size, when, calling_ae_title, kind)
         return PutResult(info.sop_instance_uid, final, size, duplicate=False)
+
+    # --- batches (pulls) ----------------------------------------------------------------------
+
+    def stage(
+        self,
+        chunks: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview],
+        info: InstanceInfo,
+        *,
+        calling_ae_title: str = "",
+        kind: str = KIND_RECEIVED,
+        flush: bool = False,
+    ) -> StagedInstance | PutResult:
+        """Write an instance as a temp file; :meth:`commit_staged` makes a batch durable and visible.
+
+        Nothing staged is visible or acknowledged before the commit; a crash leaves only ``*.partial``
+        files, which recovery deletes. With ``flush`` the file is fdatasync'ed now (callers staging
+        on several threads overlap these flushes with the rest of their transfer); otherwise its
+        write-back is started and the commit flushes it. Returns a :class:`PutResult`
+        (``duplicate=True``) for an instance the store already holds.
+
+        Raises
+        ------
+        InstanceValidationError, StoreFullError, OSError
+            As :meth:`put` (nothing is left behind).
+        """
+        _check_uids(info)
+        parts = [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else list(chunks)
+        existing = self._row(info.sop_instance_uid)
+        if existing is not None and existing.path.exists():
+            return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
+        self.check_space()
+        series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
+        # Flush now, or at least start the write-back, so the disk works while the rest of the batch arrives.
+        flush = flush and self.durable
+        tmp, size = self._write_tmp(series_dir, info, parts, flush=flush, writeback=self.durable and not flush)
+        return StagedInstance(info, tmp, size, calling_ae_title, kind, time.time(), flush)
+
+    def commit_staged(self, staged: Sequence[StagedInstance]) -> list[PutResult]:
+        """Make staged instances durable and visible together: one syncfs, renames, directory fsyncs, one
+        index transaction. Only after this returns may they be reported stored.
+
+        Raises
+        ------
+        OSError
+            When flushing fails; the staged files are removed (nothing was reported stored).
+        """
+        if not staged:
+            return []
+        try:
+            if self.durable:
+                _flush_files([st.tmp for st in staged if not st.flushed])
+        except BaseException:
+            self.discard_staged(staged)
+            raise
+        results: list[PutResult] = []
+        rows: list[tuple[InstanceInfo, Path, int, float, str, str]] = []
+        dirs: set[Path] = set()
+        with self._lock:
+            try:
+                for st in staged:
+                    uid = st.info.sop_instance_uid
+                    existing = self._row(uid)
+                    if existing is not None and existing.path.exists():
+                        _unlink_quietly(st.tmp)
+                        results.append(PutResult(uid, existing.path, existing.size, duplicate=True))
+                        continue
+                    final = st.tmp.parent / f"{uid}.dcm"
+                    os.rename(st.tmp, final)
+                    dirs.add(final.parent)
+                    rows.append((st.info, final, st.size, st.received_at, st.calling_ae_title, st.kind))
+                    results.append(PutResult(uid, final, st.size, duplicate=False))
+                if self.durable:
+                    for d in dirs:
+                        _fsync_dir(d)
+            except BaseException:
+                self.discard_staged(staged)
+                for info, final, *_ in rows:
+                    _unlink_quietly(final)
+                raise
+            self._index_many(rows)
+        return results
+
+    def flush_staged(self, staged: StagedInstance) -> StagedInstance:
+        """fdatasync one staged file now (callers overlap many of these); the commit then skips it.
+
+        Raises
+        ------
+        OSError
+            When the flush fails.
+        """
+        if self.durable and not staged.flushed:
+            _flush_files([staged.tmp])
+        return dataclasses.replace(staged, flushed=True)
+
+    def discard_staged(self, staged: Sequence[StagedInstance]) -> None:
+        """Remove staged temp files (a failed or abandoned batch)."""
+        for st in staged:
+            _unlink_quietly(st.tmp)
 
     def put_file(self, path: str | os.PathLike[str], *, kind: str = KIND_RESULT, calling_ae_title: str = "") -> PutResult:
         """Copy a DICOM file into the store (e.g. a SEG the node produced), durably and idempotently.
@@ -696,13 +1460,21 @@ class Store:
 
     # --- reading ------------------------------------------------------------------------------
 
+    def _row(self, sop_instance_uid: str) -> InstanceRecord | None:
+        """The index row, without waiting for acknowledged instances still being placed."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone()
+        return _instance(row) if row else None
+
     def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        self.settle()
         with self._lock:
             row = self._db.execute("SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone()
         return _instance(row) if row else None
 
     def instances(self, series_instance_uid: str) -> list[InstanceRecord]:
         """The series' instances, by Instance Number then SOP Instance UID."""
+        self.settle()
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM instances WHERE series_instance_uid=? ORDER BY instance_number, sop_instance_uid",
@@ -716,6 +1488,7 @@ class Store:
 
     def series(self, study_instance_uid: str | None = None) -> list[SeriesRecord]:
         """Series in the index (of one study when given), newest first."""
+        self.settle()
         sql = (
             "SELECT s.*, COUNT(i.sop_instance_uid) AS n, COALESCE(SUM(i.size), 0) AS bytes FROM series s "
             "LEFT JOIN instances i ON i.series_instance_uid = s.series_instance_uid "
@@ -730,6 +1503,7 @@ class Store:
         return [_series(r) for r in rows]
 
     def get_series(self, series_instance_uid: str) -> SeriesRecord | None:
+        self.settle()
         with self._lock:
             row = self._db.execute(
                 "SELECT s.*, COUNT(i.sop_instance_uid) AS n, COALESCE(SUM(i.size), 0) AS bytes FROM series s "
@@ -741,6 +1515,7 @@ class Store:
 
     def studies(self) -> list[StudyRecord]:
         """Studies in the index, newest first."""
+        self.settle()
         with self._lock:
             rows = self._db.execute(
                 "SELECT st.*, COUNT(DISTINCT i.series_instance_uid) AS ns, COUNT(i.sop_instance_uid) AS n, "
@@ -755,10 +1530,12 @@ class Store:
         ]
 
     def count(self) -> int:
+        self.settle()
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 
     def total_bytes(self) -> int:
+        self.settle()
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()[0])
 
@@ -790,8 +1567,8 @@ class Store:
     def recover(self) -> RecoveryReport:
         """Make the store consistent after a crash.
 
-        Deletes ``*.partial`` files (data never acknowledged), indexes complete files that have no
-        index row, quarantines unreadable unindexed files and drops index rows whose file is gone.
+        Replays the acknowledgement journal (records newer than its checkpoint), deletes ``*.partial``
+        files (data never acknowledged), indexes complete files that have no index row, quarantines unreadable unindexed files and drops index rows whose file is gone.
         Skipped (``report.skipped``) while another process is serving this store.
         """
         report = RecoveryReport()
@@ -801,6 +1578,12 @@ class Store:
             report.skipped = True
             return report
         try:
+            if self._journal is None:
+                try:
+                    self._replay_journal()
+                except OSError as exc:
+                    logger.error("Store recovery: %s; instances are flushed one by one until it is", exc)
+                report.replayed = self._replayed
             with self._lock:
                 indexed = {r[0]: r[1] for r in self._db.execute("SELECT sop_instance_uid, path FROM instances")}
                 known_paths = set(indexed.values())
@@ -854,6 +1637,10 @@ class Store:
         """
         now = time.time() if now is None else now
         report = RetentionReport()
+        if self._journal is not None:
+            # A deleted instance must not come back from the journal after a crash.
+            self.settle()
+            self._journal.flush()
         protected = (
             "NOT EXISTS (SELECT 1 FROM holds h WHERE h.sop_instance_uid = i.sop_instance_uid) "
             "AND NOT (i.kind = 'result' AND i.delivered_at IS NULL)"
@@ -911,31 +1698,38 @@ class Store:
         self, info: InstanceInfo, path: Path, size: int, when: float, calling_ae_title: str, kind: str,
         stable: bool = False,
     ) -> None:
+        self._index_many([(info, path, size, when, calling_ae_title, kind)], stable=stable)
+
+    def _index_many(self, rows: Sequence[tuple[InstanceInfo, Path, int, float, str, str]], stable: bool = False) -> None:
+        """Insert index rows (instance, series, study) in one transaction."""
+        if not rows:
+            return
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute(
-                "INSERT OR REPLACE INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, "
-                "study_instance_uid, transfer_syntax_uid, instance_number, path, size, received_at, "
-                "calling_ae_title, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (info.sop_instance_uid, info.sop_class_uid, info.series_instance_uid, info.study_instance_uid,
-                 info.transfer_syntax_uid, info.instance_number, str(path), size, when, calling_ae_title, kind),
-            )
-            db.execute(
-                "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number, "
-                "series_description, calling_ae_title, kind, first_received, last_received, stable_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(series_instance_uid) DO UPDATE SET "
-                "last_received=MAX(last_received, excluded.last_received), stable_at=excluded.stable_at",
-                (info.series_instance_uid, info.study_instance_uid, info.modality, info.series_number,
-                 info.series_description, calling_ae_title, kind, when, when,
-                 when if (stable or kind != KIND_RECEIVED) else None),
-            )
-            db.execute(
-                "INSERT INTO studies (study_instance_uid, study_date, study_description, last_received) "
-                "VALUES (?,?,?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
-                "last_received=MAX(last_received, excluded.last_received)",
-                (info.study_instance_uid, info.study_date, info.study_description, when),
-            )
+            for info, path, size, when, calling_ae_title, kind in rows:
+                db.execute(
+                    "INSERT OR REPLACE INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, "
+                    "study_instance_uid, transfer_syntax_uid, instance_number, path, size, received_at, "
+                    "calling_ae_title, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (info.sop_instance_uid, info.sop_class_uid, info.series_instance_uid, info.study_instance_uid,
+                     info.transfer_syntax_uid, info.instance_number, str(path), size, when, calling_ae_title, kind),
+                )
+                db.execute(
+                    "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number, "
+                    "series_description, calling_ae_title, kind, first_received, last_received, stable_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(series_instance_uid) DO UPDATE SET "
+                    "last_received=MAX(last_received, excluded.last_received), stable_at=excluded.stable_at",
+                    (info.series_instance_uid, info.study_instance_uid, info.modality, info.series_number,
+                     info.series_description, calling_ae_title, kind, when, when,
+                     when if (stable or kind != KIND_RECEIVED) else None),
+                )
+                db.execute(
+                    "INSERT INTO studies (study_instance_uid, study_date, study_description, last_received) "
+                    "VALUES (?,?,?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
+                    "last_received=MAX(last_received, excluded.last_received)",
+                    (info.study_instance_uid, info.study_date, info.study_description, when),
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -990,6 +1784,64 @@ def _check_file(path: Path) -> None:
         check_encoding(fh.read(), ts)
 
 
+def _check_uids(info: InstanceInfo) -> None:
+    for name in ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid"):
+        if not is_valid_uid(getattr(info, name)):
+            raise InstanceValidationError(f"{name} {getattr(info, name)!r} is not a valid UID.", kind="uid")
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        if path.stat().st_size != len(data):
+            return False
+        return path.read_bytes() == data
+    except OSError:
+        return False
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages now (sync_file_range WRITE: no wait, no flush)."""
+    import ctypes
+
+    lib = _get_libc()
+    if lib:
+        try:
+            lib.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), 2)
+        except (OSError, AttributeError, ctypes.ArgumentError):
+            pass
+
+
+#: Threads that flush a staged batch. Concurrent fdatasyncs share the file system's journal commits,
+#: and unlike syncfs they flush nothing but the batch (not other programs' dirty data).
+FLUSH_THREADS = 8
+
+
+def _flush_files(paths: Sequence[Path]) -> None:
+    """fdatasync every file, several at a time.
+
+    Raises
+    ------
+    OSError
+        The first flush error.
+    """
+    def one(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    if len(paths) <= 1:
+        for path in paths:
+            one(path)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(FLUSH_THREADS, len(paths)), thread_name_prefix="flush") as pool:
+        for _ in pool.map(one, paths):
+            pass
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -1028,6 +1880,7 @@ def iter_dicom_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
 
 __all__ = [
     "InstanceInfo", "InstanceRecord", "InstanceValidationError", "KIND_RECEIVED", "KIND_RESULT", "PutResult",
-    "RecoveryReport", "RetentionReport", "SeriesRecord", "Store", "StoreFullError", "StudyRecord",
-    "INDEX_TAGS", "check_encoding", "encode_file_meta", "is_valid_uid", "iter_dicom_files",
+    "RecoveryReport", "RetentionReport", "SeriesRecord", "StagedInstance", "Store", "StoreFullError", "StudyRecord",
+    "INDEX_TAGS", "JournalRecord", "check_encoding", "encode_file_meta", "is_valid_uid", "iter_dicom_files",
+    "read_file_meta", "read_journal", "syncfs",
 ]

@@ -168,50 +168,52 @@ def handle_store(
     ts = str(event.context.transfer_syntax)
     cmd_class = str(request.AffectedSOPClassUID or "")
     cmd_instance = str(request.AffectedSOPInstanceUID or "")
-    with stream.getbuffer() as body:
-        header = b""
-        try:
-            if not (is_valid_uid(cmd_class) and is_valid_uid(cmd_instance)):
-                raise InstanceValidationError(
-                    "The command's Affected SOP Class/Instance UID is not a valid UID.", kind="uid")
-            header = encode_file_meta(
-                cmd_class, cmd_instance, ts,
-                implementation_class_uid=str(assoc.acceptor.implementation_class_uid),
-                implementation_version_name=str(assoc.acceptor.implementation_version_name or ""),
-                source_ae_title=calling,
-            )
-            # Structure check and index attributes straight from the bytes: nothing is decoded.
-            info = InstanceInfo.from_raw(check_encoding(body, ts), ts)
-            if info.sop_class_uid != cmd_class:
-                raise InstanceValidationError(
-                    f"Data set SOP Class UID {info.sop_class_uid} differs from the command's {cmd_class}.",
-                    kind="sop_class_mismatch")
-            if info.sop_instance_uid != cmd_instance:
-                raise InstanceValidationError(
-                    f"Data set SOP Instance UID {info.sop_instance_uid} differs from the command's {cmd_instance}.",
-                    kind="sop_instance_mismatch")
-        except InstanceValidationError as exc:
-            code = {
-                "uid": status.INVALID_UID,
-                "sop_class_mismatch": status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                "sop_instance_mismatch": status.SOP_INSTANCE_MISMATCH,
-            }.get(exc.kind, status.CANNOT_DECODE)
-            shown = cmd_instance if is_valid_uid(cmd_instance) else "(invalid UID)"
-            _quarantine(store, [header, body] if header else [body], f"{exc} (transfer syntax {ts})",
-                        cmd_instance, calling)
-            logger.warning("Refused instance %s from %r: %s -> %s", shown, calling, exc, status.describe(code))
-            return code
-        except Exception:
-            logger.exception("Unexpected error checking an instance from %r", calling)
-            return status.PROCESSING_FAILURE
-        try:
-            result = store.put([header, body], info, calling_ae_title=calling)
-        except (StoreFullError, OSError) as exc:
-            logger.error("Cannot store instance %s: %s", info.sop_instance_uid, exc)
-            return status.OUT_OF_RESOURCES
-        except Exception:
-            logger.exception("Unexpected error storing instance %s", info.sop_instance_uid)
-            return status.PROCESSING_FAILURE
+    # Not a context manager: the store may keep the buffer (a journaled instance is placed on
+    # another thread after the acknowledgement); it is released when the last reference goes.
+    body = stream.getbuffer()
+    header = b""
+    try:
+        if not (is_valid_uid(cmd_class) and is_valid_uid(cmd_instance)):
+            raise InstanceValidationError(
+                "The command's Affected SOP Class/Instance UID is not a valid UID.", kind="uid")
+        header = encode_file_meta(
+            cmd_class, cmd_instance, ts,
+            implementation_class_uid=str(assoc.acceptor.implementation_class_uid),
+            implementation_version_name=str(assoc.acceptor.implementation_version_name or ""),
+            source_ae_title=calling,
+        )
+        # Structure check and index attributes straight from the bytes: nothing is decoded.
+        info = InstanceInfo.from_raw(check_encoding(body, ts), ts)
+        if info.sop_class_uid != cmd_class:
+            raise InstanceValidationError(
+                f"Data set SOP Class UID {info.sop_class_uid} differs from the command's {cmd_class}.",
+                kind="sop_class_mismatch")
+        if info.sop_instance_uid != cmd_instance:
+            raise InstanceValidationError(
+                f"Data set SOP Instance UID {info.sop_instance_uid} differs from the command's {cmd_instance}.",
+                kind="sop_instance_mismatch")
+    except InstanceValidationError as exc:
+        code = {
+            "uid": status.INVALID_UID,
+            "sop_class_mismatch": status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "sop_instance_mismatch": status.SOP_INSTANCE_MISMATCH,
+        }.get(exc.kind, status.CANNOT_DECODE)
+        shown = cmd_instance if is_valid_uid(cmd_instance) else "(invalid UID)"
+        _quarantine(store, [header, body] if header else [body], f"{exc} (transfer syntax {ts})",
+                    cmd_instance, calling)
+        logger.warning("Refused instance %s from %r: %s -> %s", shown, calling, exc, status.describe(code))
+        return code
+    except Exception:
+        logger.exception("Unexpected error checking an instance from %r", calling)
+        return status.PROCESSING_FAILURE
+    try:
+        result = store.put([header, body], info, calling_ae_title=calling)
+    except (StoreFullError, OSError) as exc:
+        logger.error("Cannot store instance %s: %s", info.sop_instance_uid, exc)
+        return status.OUT_OF_RESOURCES
+    except Exception:
+        logger.exception("Unexpected error storing instance %s", info.sop_instance_uid)
+        return status.PROCESSING_FAILURE
     if result.duplicate:
         logger.debug("Instance %s already stored; acknowledged again", info.sop_instance_uid)
     stored = StoredInstance(info.sop_instance_uid, info.sop_class_uid, info.series_instance_uid,

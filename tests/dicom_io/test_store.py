@@ -229,3 +229,197 @@ def test_recovery_quarantines_truncated_unindexed_file(tmp_path: Path, series: p
     assert store.count() == 0 and len(store.quarantined()) == 1
     assert not (d / f"{series.sop_uids[0]}.dcm").exists()
     store.close()
+
+
+# --- the acknowledgement journal ------------------------------------------------------------------
+
+_CRASHER = r"""
+import os, signal, sys
+from pathlib import Path
+from dicom_io.store import InstanceInfo, Store
+
+root, mode, *files = sys.argv[1:]
+store = Store.open(root)
+assert store.acquire_owner_lock()
+store.start_journal(8 << 20, idle_checkpoint_seconds=3600)  # no checkpoint: everything stays in the journal
+if mode == "before-placement":
+    # kill -9 after the last instance's journal flush and acknowledgement, before its file is written
+    import threading
+    acked_all = threading.Event()
+    original = store._write_tmp
+    def crash_on_last(series_dir, info, parts, **kw):
+        if info.sop_instance_uid == InstanceInfo.from_file(files[-1]).sop_instance_uid:
+            acked_all.wait(30)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(series_dir, info, parts, **kw)
+    store._write_tmp = crash_on_last
+for f in files:
+    store.put(Path(f).read_bytes(), InstanceInfo.from_file(f), calling_ae_title="CRASHER")
+    print("acked", f, flush=True)
+if mode == "before-placement":
+    import time
+    acked_all.set()
+    time.sleep(30)  # the placer thread kills the process
+store.settle()  # every file placed (not flushed): what a power cut then damages
+os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint
+"""
+
+
+def _crash_after_puts(root: Path, mode: str, files: list[Path]) -> list[str]:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", _CRASHER, str(root), mode, *map(str, files)], capture_output=True,
+                       text=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    assert r.returncode == -9, r.stderr[-2000:]
+    return [line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("acked ")]
+
+
+def test_journal_replays_acknowledged_instances_lost_in_a_power_cut(tmp_path: Path, series: peers.CtSeries) -> None:
+    root = tmp_path / "store"
+    acked = _crash_after_puts(root, "all", series.paths)
+    assert len(acked) == 4
+    # What a power cut can do to files that were placed but not yet checkpointed (never flushed):
+    # gone, empty, cut short; and the index rows (synchronous=NORMAL) lost.
+    placed = sorted((root / "instances").rglob("*.dcm"))
+    assert len(placed) == 4
+    placed[0].unlink()
+    placed[1].write_bytes(b"")
+    placed[2].write_bytes(placed[2].read_bytes()[:300])
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (root / name).unlink(missing_ok=True)
+
+    store = Store.open(root)
+    report = store.recover()  # open() recovered already: nothing left to replay
+    assert report.replayed == 0
+    assert store.count() == 4 and not store.quarantined()
+    for path, uid in zip(series.paths, series.sop_uids):
+        rec = store.instance(uid)
+        assert rec is not None and rec.path.read_bytes() == path.read_bytes()
+        assert rec.calling_ae_title in ("CRASHER", "")  # re-indexed from the file or from the journal
+    assert not list(root.rglob("*.partial"))
+    store.close()
+    # The journal was checkpointed after the replay: a second start has nothing to replay.
+    from dicom_io.store import read_journal
+
+    checkpoint, highest, records = read_journal(root / "journal")
+    assert records == [] and checkpoint == highest >= 4
+
+
+def test_journal_kill_between_flush_and_placement(tmp_path: Path, series: peers.CtSeries) -> None:
+    root = tmp_path / "store"
+    acked = _crash_after_puts(root, "before-placement", series.paths)
+    # All four acknowledged; the fourth only in the journal: the process died before its file was written.
+    assert len(acked) == 4
+    last_dir = root / "instances" / series.study_uid / series.series_uid
+    assert not (last_dir / f"{series.sop_uids[3]}.dcm").exists()
+    store = Store.open(root)
+    assert store.count() == 4
+    rec = store.instance(series.sop_uids[3])
+    assert rec is not None and rec.path.read_bytes() == series.paths[3].read_bytes()
+    assert rec.calling_ae_title == "CRASHER"
+    store.close()
+
+
+def test_journal_torn_tail_is_ignored(tmp_path: Path, series: peers.CtSeries) -> None:
+    from dicom_io.store import read_journal
+
+    root = tmp_path / "store"
+    _crash_after_puts(root, "all", series.paths)
+    checkpoint, highest, records = read_journal(root / "journal")
+    assert [len(r.data) for r in records] == [p.stat().st_size for p in series.paths]
+    # Tear the last record as a crash during its write would (its flush never completed, so it was
+    # never acknowledged): half its bytes are still the old (zero) content.
+    seg = sorted((root / "journal").glob("seg-*.bin"))[0]
+    data = bytearray(seg.read_bytes())
+    last = data.rfind(b"AINJRNL1")
+    mid = last + 64 + len(records[-1].data) // 2
+    data[mid:mid + 4096] = bytes(4096)
+    seg.write_bytes(bytes(data))
+    for p in (root / "instances").rglob("*.dcm"):
+        p.unlink()  # nothing placed survived
+    (root / "index.sqlite").unlink()
+    for name in ("index.sqlite-wal", "index.sqlite-shm"):
+        (root / name).unlink(missing_ok=True)
+
+    _c, _h, intact = read_journal(root / "journal")
+    assert len(intact) == 3
+    store = Store.open(root)
+    assert {i.sop_instance_uid for i in store.instances(series.series_uid)} == set(series.sop_uids[:3])
+    for uid, path in zip(series.sop_uids[:3], series.paths[:3]):
+        rec = store.instance(uid)
+        assert rec is not None and rec.path.read_bytes() == path.read_bytes()
+    store.close()
+
+
+def test_journal_checkpoint_and_retention_do_not_resurrect(tmp_path: Path, series: peers.CtSeries) -> None:
+    root = tmp_path / "store"
+    store = Store.open(root)
+    assert store.acquire_owner_lock()
+    assert store.start_journal(4 << 20, idle_checkpoint_seconds=3600)
+    for p in series.paths:
+        _put(store, p)
+    assert store.count() == 4
+    # Retention checkpoints first, so the deleted instances cannot come back from the journal.
+    report = store.apply_retention(max_age_seconds=1, now=time.time() + 60)
+    assert report.deleted == 4 and store.count() == 0
+    store.release_owner_lock()
+    store._db.close()  # a crash: the journal is not closed
+    store = Store.open(root)
+    assert store.count() == 0
+    store.close()
+
+
+def test_journal_ring_wraps_and_large_instances_bypass(tmp_path: Path) -> None:
+    src = peers.make_ct_series(tmp_path / "big", n=24, rows=256, cols=256)  # ~130 KB each
+    root = tmp_path / "store"
+    store = Store.open(root)
+    assert store.acquire_owner_lock()
+    # 4 segments of 1 MiB: ~7 records each, so 24 instances wrap the ring (checkpoints free segments).
+    assert store.start_journal(4 << 20, idle_checkpoint_seconds=3600)
+    journal = store._journal
+    assert journal is not None
+    for p in src.paths:
+        _put(store, p)
+    assert journal.appended + journal.bypassed == 24 and journal.appended >= 12
+    big = peers.make_ct_series(tmp_path / "huge", n=1, rows=1024, cols=1024)  # 2 MB > half a segment
+    _put(store, big.paths[0])
+    assert journal.bypassed >= 1
+    store.close()  # final checkpoint
+    from dicom_io.store import read_journal
+
+    assert read_journal(root / "journal")[2] == []
+    store = Store.open(root)
+    assert store.count() == 25
+    for p, uid in zip(src.paths, src.sop_uids):
+        rec = store.instance(uid)
+        assert rec is not None and rec.path.read_bytes() == p.read_bytes()
+    store.close()
+
+
+def test_journaled_instance_whose_placement_fails_waits_in_the_journal(tmp_path: Path,
+                                                                     series: peers.CtSeries) -> None:
+    from dicom_io.store import read_journal
+
+    root = tmp_path / "store"
+    store = Store.open(root)
+    assert store.acquire_owner_lock()
+    assert store.start_journal(4 << 20, idle_checkpoint_seconds=0.2)
+    series_dir = root / "instances" / series.study_uid / series.series_uid
+    with store._lock:  # holds the placer back until the obstacle is in place
+        res = _put(store, series.paths[0])  # acknowledged: durable in the journal
+        assert not res.duplicate
+        series_dir.rmdir()
+        series_dir.write_bytes(b"not a directory")  # the placer cannot create the series directory
+    assert peers.wait_until(lambda: store._placer_failing, timeout=10)
+    assert store.count() == 0  # reads do not hang on a failing placement
+    time.sleep(0.5)
+    # Not checkpointed while it waits: a crash now would replay it.
+    assert [r.data for r in read_journal(root / "journal")[2]] == [series.paths[0].read_bytes()]
+    series_dir.unlink()  # the obstacle goes: the placer's retry succeeds
+    assert peers.wait_until(lambda: store.count() == 1, timeout=10)
+    rec = store.instance(series.sop_uids[0])
+    assert rec is not None and rec.path.read_bytes() == series.paths[0].read_bytes()
+    store.close()
+    assert read_journal(root / "journal")[2] == []
