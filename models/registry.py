@@ -20,14 +20,14 @@ _CACHE: dict[tuple[object, ...], Segmenter] = {}
 def _cache_key(name: str, settings: Settings) -> tuple[object, ...]:
     # Only the settings sections a model depends on; frozen dataclasses are hashable.
     if name == "litemedsam":
-        return (name, settings.model, settings.litemedsam)
+        return (name, settings.model, settings.litemedsam, settings.data_dir)
     return (name, settings.model, settings.sam2, settings.litemedsam)
 
 
 def _build_litemedsam(settings: Settings) -> Segmenter:
     from models.litemedsam import LiteMedSAM
 
-    return LiteMedSAM(settings.litemedsam, settings.model)
+    return LiteMedSAM(settings.litemedsam, settings.model, cache_dir=settings.data_path / "embeddings")
 
 
 def _build_sam2(settings: Settings) -> Segmenter:

@@ -26,8 +26,9 @@ T = TypeVar("T")
 #: Job states.
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 
-#: Job priorities: interactive refinements overtake queued one-shot (often 3D) jobs.
-INTERACTIVE, BATCH = 0, 1
+#: Job priorities: interactive refinements overtake queued one-shot (often 3D) jobs; background work
+#: (pre-encoding) runs only when nothing else waits and yields at its next slice when something arrives.
+INTERACTIVE, BATCH, BACKGROUND = 0, 1, 2
 
 #: Finished jobs remembered for ``GET /v1/jobs/{id}``.
 _KEEP_FINISHED = 256
@@ -53,11 +54,25 @@ class ModelUnavailableError(NodeError):
     """The model cannot be loaded (missing checkpoint, unavailable device)."""
 
 
+class ModelOutOfMemoryError(ModelUnavailableError):
+    """The model ran out of memory on one request; the node and the model stay usable."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for a failed allocation: Python's/NumPy's MemoryError or torch's CPU allocator error."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("DefaultCPUAllocator" in text or "out of memory" in text.lower())
+
+
 @dataclass
 class JobContext:
     """Handed to a job function with the segmenter: lets long work notice a cancellation."""
 
     job: Job[Any]
+    #: The queue running the job (for :meth:`should_yield`).
+    queue: InferenceQueue | None = None
 
     def check(self) -> None:
         """Raise :class:`JobCancelledError` when the job has been cancelled."""
@@ -68,6 +83,12 @@ class JobContext:
         """A :data:`models.base.ProgressCallback` that records progress and stops a cancelled job."""
         self.job.progress = (done, total)
         self.check()
+
+    def should_yield(self) -> bool:
+        """True when this (background) job should stop now: it was cancelled or other work waits."""
+        if self.job.cancel_requested.is_set():
+            return True
+        return self.queue is not None and self.queue.foreground_waiting() > 0
 
 
 @dataclass(eq=False)
@@ -105,7 +126,9 @@ class Job(Generic[T]):
 class InferenceQueue:
     """A bounded queue of jobs run one at a time by a worker thread that owns one segmenter.
 
-    Jobs run by priority (:data:`INTERACTIVE` before :data:`BATCH`), then in arrival order.
+    Jobs run by priority (:data:`INTERACTIVE` before :data:`BATCH` before :data:`BACKGROUND`), then in
+    arrival order. Background jobs do not count against ``maxsize``; one per key waits at a time
+    (:meth:`submit_background`), and they stop early through :meth:`JobContext.should_yield`.
 
     The segmenter is loaded by the worker on first use (or by :meth:`warm_up`), so loading never
     blocks the event loop. Segmenters are not thread-safe; only this thread calls them.
@@ -128,7 +151,10 @@ class InferenceQueue:
         self.model = model
         self._loader = loader
         self._segmenter: Segmenter | None = None
-        self._queue: queue.PriorityQueue[tuple[int, int, Job[Any] | None]] = queue.PriorityQueue(maxsize=maxsize)
+        # unbounded: ``maxsize`` is enforced for foreground jobs only (background jobs never take their places)
+        self._queue: queue.PriorityQueue[tuple[int, int, Job[Any] | None]] = queue.PriorityQueue()
+        self._foreground = 0
+        self._background: dict[str, Job[Any]] = {}
         self._seq = itertools.count()
         self.maxsize = maxsize
         self.retry_after = retry_after
@@ -159,6 +185,7 @@ class InferenceQueue:
             except queue.Empty:
                 break
             if job is not None:
+                self._dequeued(job)
                 self._finish_cancelled(job)
         if thread is not None:
             self._queue.put((-1, next(self._seq), None))
@@ -177,16 +204,46 @@ class InferenceQueue:
         """
         self.start()
         job: Job[T] = Job(id=uuid.uuid4().hex, model=self.model, kind=kind, user=user, fn=fn, priority=priority)
-        try:
-            self._queue.put_nowait((priority, next(self._seq), job))
-        except queue.Full:
-            with self._lock:
-                self._counts["rejected"] += 1
-            raise QueueFullError(
-                f"The '{self.model}' queue is full ({self.maxsize} jobs waiting); retry in {self.retry_after} s.",
-                self.retry_after,
-            ) from None
+        with self._lock:
+            if priority < BACKGROUND:
+                if self._foreground >= self.maxsize:
+                    self._counts["rejected"] += 1
+                    raise QueueFullError(
+                        f"The '{self.model}' queue is full ({self.maxsize} jobs waiting); retry in "
+                        f"{self.retry_after} s.", self.retry_after)
+                self._foreground += 1
+        self._queue.put_nowait((priority, next(self._seq), job))
         return job
+
+    def submit_background(self, key: str, fn: Callable[[Segmenter, JobContext], T], *, kind: str = "prefetch",
+                          user: str = "") -> Job[T]:
+        """Queue background work at :data:`BACKGROUND` priority; while a job with ``key`` waits, that job is returned.
+
+        ``fn`` should poll ``context.should_yield()`` and return early when it is True (re-queueing
+        what is left, e.g. by calling this method again).
+        """
+        with self._lock:
+            waiting = self._background.get(key)
+            if waiting is not None and waiting.state == QUEUED:
+                return waiting
+        job = self.submit(fn, kind=kind, user=user, priority=BACKGROUND)
+        with self._lock:
+            self._background[key] = job
+        return job
+
+    def foreground_waiting(self) -> int:
+        """Interactive and batch jobs waiting (background ones yield to them)."""
+        with self._lock:
+            return self._foreground
+
+    def _dequeued(self, job: Job[Any]) -> None:
+        with self._lock:
+            if job.priority < BACKGROUND:
+                self._foreground -= 1
+            else:
+                for key, waiting in list(self._background.items()):
+                    if waiting is job:
+                        del self._background[key]
 
     def cancel(self, job: Job[Any]) -> bool:
         """Cancel a job: a waiting one is dropped, a running one stops at its next slice.
@@ -231,7 +288,9 @@ class InferenceQueue:
             "device": getattr(seg, "device", None),
             "version": getattr(seg, "version", None),
             "load_error": self._load_error or None,
-            "queued": self._queue.qsize(),
+            "available": not self._load_error,
+            "queued": self._foreground,
+            "background": self._queue.qsize() - self._foreground,
             "capacity": self.maxsize,
             "running": running.describe() if running is not None else None,
             "completed": counts[DONE],
@@ -266,6 +325,7 @@ class InferenceQueue:
             _, _, job = self._queue.get()
             if job is None:
                 return
+            self._dequeued(job)
             if job.future.cancelled() or job.state == CANCELLED:
                 continue
             if not job.future.set_running_or_notify_cancel():
@@ -277,11 +337,16 @@ class InferenceQueue:
             try:
                 if job.cancel_requested.is_set():
                     raise JobCancelledError(f"Job {job.id} was cancelled.")
-                result = job.fn(self._load(), JobContext(job))
+                result = job.fn(self._load(), JobContext(job, self))
             except JobCancelledError as exc:
                 job.state, job.error = CANCELLED, str(exc)
                 job.future.set_exception(exc)
             except BaseException as exc:  # handed to the waiting request, which maps it to a status
+                if _out_of_memory(exc):
+                    logger.error("Job %s (%s on %s) ran out of memory: %s", job.id, job.kind, self.model, exc)
+                    exc = ModelOutOfMemoryError(
+                        f"Model '{self.model}' ran out of memory on this request ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); the node goes on serving; retry with a smaller series or region.")
                 job.state, job.error = FAILED, str(exc)
                 if not isinstance(exc, (NodeError, ValueError)):
                     logger.exception("Job %s (%s on %s) failed", job.id, job.kind, self.model)
@@ -294,7 +359,7 @@ class InferenceQueue:
                 self._running = None
                 key = job.state if job.state in self._counts else FAILED
                 self._counts[key] += 1
-                if job.state == DONE:
+                if job.state == DONE and job.priority < BACKGROUND:
                     self._durations.append(job.finished - (job.started or job.finished))
 
 
@@ -378,6 +443,11 @@ class InferencePool:
                 self._jobs.pop(oldest_id)
         return job
 
+    def submit_background(self, model: str | None, key: str, fn: Callable[[Segmenter, JobContext], T], *,
+                          kind: str = "prefetch") -> Job[T]:
+        """Queue background work (see :meth:`InferenceQueue.submit_background`); not listed by :meth:`job`."""
+        return self.queue(model).submit_background(key, fn, kind=kind)
+
     def job(self, job_id: str) -> Job[Any] | None:
         with self._lock:
             return self._jobs.get(job_id)
@@ -401,7 +471,131 @@ class InferencePool:
             q.stop(timeout)
 
 
+#: Modalities that are never images to segment (no pre-encoding when such a series becomes stable).
+_NOT_IMAGES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "PR", "KO", "REG", "DOC",
+                         "ECG", "AU", "PLAN", "FID"})
+
+
+class Preencoder:
+    """Schedules background pre-encoding of series (LiteMedSAM slice embeddings) on the inference queue.
+
+    Called when a series becomes stable (:meth:`on_series_stable`), is pulled, or a session opens
+    (:meth:`schedule`). The work runs at :data:`BACKGROUND` priority, the most-likely-needed slices
+    first (around the slice the viewer shows, else the middle), stops at the next slice when an
+    interactive or batch job arrives and is re-queued behind it with the slices left.
+
+    Parameters
+    ----------
+    pool
+        The node's inference queues.
+    settings
+        Node settings (``litemedsam.preencode``, ``model.default``).
+    load
+        ``load(series_instance_uid)`` returns the loaded series from the store, or None.
+    """
+
+    def __init__(self, pool: InferencePool, settings: Settings,
+                 load: Callable[[str], Any | None] | None = None) -> None:
+        self.pool = pool
+        self.settings = settings
+        self._load = load
+        # stable / pulled series whose pre-encoding waits, oldest first (bounded by litemedsam.preencode_backlog)
+        self._pending: OrderedDict[str, Job[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.litemedsam.preencode)
+
+    def schedule(self, series: Any, *, model: str | None = None, around: int | None = None,
+                 to_memory: bool = True, order: list[int] | None = None) -> Job[Any] | None:
+        """Queue pre-encoding of a loaded :class:`dicom_io.series.Series` (held until the job ran).
+
+        ``to_memory``: keep the embeddings in the model's memory cache too (a session is open on it).
+        Returns None when pre-encoding is off or the model is not LiteMedSAM.
+        """
+        name = (model or self.settings.model.default).strip().lower()
+        if not self.enabled or name != "litemedsam":
+            return None
+        key = f"{series.series_instance_uid}:{tuple(series.voxels.shape)}"
+
+        def run(seg: Segmenter, ctx: JobContext) -> Any:
+            return self._run(seg, ctx, series, around, order, to_memory,
+                             lambda rest: self.schedule(series, model=name, to_memory=to_memory, order=rest))
+
+        return self.pool.submit_background(name, key, run)
+
+    def schedule_uid(self, series_instance_uid: str, *, to_memory: bool = False,
+                     order: list[int] | None = None) -> Job[Any] | None:
+        """Queue pre-encoding of a stored series by UID: it is loaded (``load``) only when the job runs.
+
+        So many series becoming stable at once never hold their voxels in memory while they wait.
+        """
+        name = self.settings.model.default.strip().lower()
+        backlog = self.settings.litemedsam.preencode_backlog
+        if not self.enabled or self._load is None or name != "litemedsam" or backlog <= 0:
+            return None
+        load = self._load
+
+        def run(seg: Segmenter, ctx: JobContext) -> Any:
+            with self._lock:
+                wanted = self._pending.get(series_instance_uid) is ctx.job
+                if wanted:
+                    del self._pending[series_instance_uid]
+            if not wanted:  # skipped: newer series arrived while it waited
+                return None
+            if ctx.job.cancel_requested.is_set():
+                return None
+            if ctx.should_yield():  # something else waits: come back after it
+                return self.schedule_uid(series_instance_uid, to_memory=to_memory, order=order)
+            try:
+                series = load(series_instance_uid)
+            except Exception as exc:  # a series that cannot be loaded is reported where it is used
+                logger.info("Series %s is not pre-encoded: %s", series_instance_uid, exc)
+                return None
+            if series is None:
+                return None
+            return self._run(seg, ctx, series, None, order, to_memory,
+                             lambda rest: self.schedule_uid(series_instance_uid, to_memory=to_memory, order=rest))
+
+        job = self.pool.submit_background(name, series_instance_uid, run)
+        with self._lock:
+            self._pending[series_instance_uid] = job
+            self._pending.move_to_end(series_instance_uid)
+            while len(self._pending) > backlog:
+                old, _ = self._pending.popitem(last=False)
+                logger.info("Pre-encoding of series %s skipped: %d newer series wait (litemedsam.preencode_backlog)",
+                            old, backlog)
+        return job
+
+    @staticmethod
+    def _run(seg: Segmenter, ctx: JobContext, series: Any, around: int | None, order: list[int] | None,
+             to_memory: bool, resume: Callable[[list[int]], Any]) -> Any:
+        from node.pipeline import image_volume
+
+        prefetch = getattr(seg, "prefetch", None)
+        if prefetch is None:
+            return None
+        t0 = time.perf_counter()
+        result = prefetch(image_volume(series), order=order, around=around, should_stop=ctx.should_yield,
+                          to_memory=to_memory)
+        if result.remaining and not ctx.job.cancel_requested.is_set():
+            logger.debug("Pre-encoding of %s yields after %.2f s; %d slice(s) left", series.series_instance_uid,
+                         time.perf_counter() - t0, len(result.remaining))
+            try:
+                resume(result.remaining)
+            except NodeError as exc:
+                logger.warning("Pre-encoding of %s cannot be resumed: %s", series.series_instance_uid, exc)
+        return result
+
+    def on_series_stable(self, event: Any) -> None:
+        """A :data:`node.events.SeriesCallback`: pre-encode an image series that became stable."""
+        if str(event.modality or "").upper() in _NOT_IMAGES:
+            return
+        self.schedule_uid(event.series_instance_uid)
+
+
 __all__ = [
-    "BATCH", "CANCELLED", "DONE", "FAILED", "INTERACTIVE", "QUEUED", "RUNNING", "InferencePool", "InferenceQueue", "Job", "JobCancelledError",
-    "JobContext", "ModelUnavailableError", "QueueFullError", "UnknownModelError",
+    "BACKGROUND", "BATCH", "CANCELLED", "DONE", "FAILED", "INTERACTIVE", "QUEUED", "RUNNING", "InferencePool", "InferenceQueue", "Job", "JobCancelledError",
+    "JobContext", "ModelOutOfMemoryError", "Preencoder", "ModelUnavailableError", "QueueFullError", "UnknownModelError",
 ]

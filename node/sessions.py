@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,12 @@ class SessionStore:
         Largest number of open sessions.
     retry_after
         Seconds advertised when full.
+
+    Attributes
+    ----------
+    on_open
+        Called with each new session (the API schedules pre-encoding of its series); its errors
+        are logged and never fail the session.
     """
 
     def __init__(self, ttl: float = 1800.0, max_sessions: int = 16, retry_after: int = 5) -> None:
@@ -182,6 +189,7 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._expired: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.on_open: Callable[[Session], Any] | None = None
 
     def create(self, user: str, series: Series, model: str, *, mode: Mode = "2d",
                segment: SegmentSpec | None = None, ttl: float | None = None, files_dir: Path | None = None,
@@ -205,6 +213,11 @@ class SessionStore:
                     "delete one or retry later.", self.retry_after)
             self._sessions[session.id] = session
         logger.info("Session %s opened on series %s (%s, %s)", session.id, series.series_instance_uid, model, mode)
+        if self.on_open is not None:
+            try:
+                self.on_open(session)
+            except Exception:
+                logger.exception("Session %s: the on-open hook failed", session.id)
         return session
 
     def get(self, session_id: str, user: str, *, touch: bool = True) -> Session:

@@ -22,9 +22,22 @@ def _open(api: Api, ph: PhantomSeries, **extra: Any) -> str:
     return str(r.json()["id"])
 
 
+def _background_done(api: Api) -> None:
+    """Wait until the pre-encoding a session open scheduled has finished (it runs in the background)."""
+    q = api.ctx.inference.queue("litemedsam")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        st = q.status()
+        if st["background"] == 0 and st["queued"] == 0 and st["running"] is None:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pre-encoding did not finish: {q.status()}")
+
+
 def test_session_refine_undo_reset_commit(api: Api, phantom: PhantomSeries, segmenter: Any) -> None:
     c = api.client
     sid = _open(api, phantom)
+    _background_done(api)
     x, y = phantom.center
     k = phantom.k
 
@@ -106,6 +119,32 @@ def test_sessions_expire_and_are_limited(make_api: Any, tmp_path: Any, phantom: 
     r = api.client.get(f"/v1/sessions/{a}")
     assert r.status_code == 410 and "expired" in r.json()["error"]
     _open(api, phantom)  # expired sessions freed their places
+
+
+def test_session_open_preencodes_and_follow_up_reuses_embeddings_and_decodes(
+        api: Api, phantom: PhantomSeries, segmenter: Any) -> None:
+    c = api.client
+    r = c.post("/v1/sessions", json={"series": {"series_instance_uid": phantom.series_instance_uid}, "mode": "3d"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    _background_done(api)  # opening the session pre-encoded every slice
+    assert segmenter.cached_slices >= phantom.mask.shape[0]
+    encoder_calls = segmenter.encoder_calls
+    x, y = phantom.center
+    k = phantom.k
+    first = c.post(f"/v1/sessions/{sid}/prompts", json={"points": [{"ijk": [x, y, k]}]})
+    assert first.status_code == 200, first.text
+    one = first.json()
+    assert one["stats"]["slices_encoded"] == 0 and len(one["slices"]) > 1
+    # a negative click far from the object: the follow-up reuses the embeddings and every earlier decode
+    # that its prompts repeat (candidate boxes, propagation steps), so the mask stays the same
+    second = c.post(f"/v1/sessions/{sid}/prompts", json={"points": [{"ijk": [2, 2, k], "positive": False}]})
+    assert second.status_code == 200, second.text
+    two = second.json()
+    assert two["stats"]["slices_encoded"] == 0 and segmenter.encoder_calls == encoder_calls
+    assert two["stats"]["decodes_reused"] > 0
+    assert two["stats"]["decoder_calls"] < max(1, one["stats"]["decoder_calls"])
+    assert two["voxel_count"] == one["voxel_count"] and two["slices"] == one["slices"]
 
 
 def test_sessions_keep_series_in_memory(api: Api, phantom: PhantomSeries) -> None:
