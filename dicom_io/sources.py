@@ -7,6 +7,7 @@ import os
 import stat
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -21,6 +22,11 @@ logger = logging.getLogger(__name__)
 #: Defaults shared with ``config.settings.InputSettings`` (dicom_io does not import config).
 DEFAULT_MAX_ZIP_BYTES = 4 * 1024**3
 DEFAULT_MAX_ZIP_MEMBERS = 20000
+#: Largest compression ratio (uncompressed : compressed) of a member bigger than :data:`RATIO_FLOOR_BYTES`.
+#: Real DICOM compresses a few times, a synthetic phantom with much air some tens of times; 200:1 is a bomb.
+DEFAULT_MAX_ZIP_RATIO = 200.0
+#: Members up to this size are not checked for their ratio (a small all-zero file is no threat).
+RATIO_FLOOR_BYTES = 8 * 1024 * 1024
 
 _CHUNK = 1024 * 1024
 
@@ -102,13 +108,16 @@ def extract_zip(
     *,
     max_zip_bytes: int = DEFAULT_MAX_ZIP_BYTES,
     max_zip_members: int = DEFAULT_MAX_ZIP_MEMBERS,
+    max_zip_ratio: float = DEFAULT_MAX_ZIP_RATIO,
 ) -> list[Path]:
     """Safely extract a zip archive into ``dest`` and return the extracted file paths.
 
     Every member name is validated before anything is written (no absolute paths, no ``..``, no
     symbolic links). The total size is bounded twice: by the sizes the archive declares, and by the
     bytes actually decompressed (a member that inflates beyond its declared size is refused), so a
-    zip bomb cannot fill the disk.
+    zip bomb cannot fill the disk; a member above :data:`RATIO_FLOOR_BYTES` that inflates more than
+    ``max_zip_ratio`` times its compressed size is refused before it is extracted. Encrypted members
+    are refused.
 
     Parameters
     ----------
@@ -120,6 +129,8 @@ def extract_zip(
         Largest total uncompressed size accepted.
     max_zip_members
         Largest number of members (files and folders) accepted.
+    max_zip_ratio
+        Largest compression ratio of a member bigger than :data:`RATIO_FLOOR_BYTES` (0 = no check).
 
     Returns
     -------
@@ -149,6 +160,16 @@ def extract_zip(
             raise UnsafeArchiveError(
                 f"{archive.name}: declares {declared} uncompressed bytes, more than the {max_zip_bytes} allowed."
             )
+        for info in infos:
+            if info.flag_bits & 0x1:
+                raise UnsafeArchiveError(f"{archive.name}: member '{info.filename}' is encrypted; refused.")
+            if max_zip_ratio and info.file_size > RATIO_FLOOR_BYTES:
+                ratio = info.file_size / max(info.compress_size, 1)
+                if ratio > max_zip_ratio:
+                    raise UnsafeArchiveError(
+                        f"{archive.name}: member '{info.filename}' inflates {ratio:.0f}:1 ({info.compress_size} to "
+                        f"{info.file_size} bytes), more than the {max_zip_ratio:.0f}:1 allowed (a zip bomb?); refused."
+                    )
         seen: set[Path] = set()
         out: list[Path] = []
         total = 0
@@ -179,7 +200,8 @@ def extract_zip(
             except UnsafeArchiveError:
                 target.unlink(missing_ok=True)
                 raise
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError) as exc:
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError,
+                    RuntimeError, ValueError, zlib.error) as exc:
                 target.unlink(missing_ok=True)
                 raise UnsafeArchiveError(f"{archive.name}: member '{info.filename}' cannot be extracted ({exc}).") from exc
             out.append(target)

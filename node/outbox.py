@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -10,12 +11,12 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.settings import DestinationSettings, Settings
 from dicom_io.scu import Peer, StoreResult, client_tls_context, send_instances
-from dicom_io.store import InstanceInfo, Store
+from dicom_io.store import KIND_RESULT, InstanceInfo, InstanceValidationError, Store
 from node import status
 from node.errors import ConfigurationError
 
@@ -247,9 +248,15 @@ class Outbox:
             for e in entries:
                 counts[self._record(e, None, str(exc), permanent=True)] += 1
             return counts
+        if self.store is not None:
+            self.store.settle()  # an instance acknowledged through the store's journal is placed asynchronously
         missing = [e for e in entries if not e.path.exists()]
         for e in missing:
-            counts[self._record(e, None, f"file {e.path} no longer exists", permanent=True)] += 1
+            if self.store is not None and self.store.instance(e.sop_instance_uid) is not None:
+                # Indexed but its file not in place (placement delayed, e.g. the disk is full): try again later.
+                counts[self._record(e, None, f"file {e.path} is not in place yet")] += 1
+            else:
+                counts[self._record(e, None, f"file {e.path} no longer exists", permanent=True)] += 1
         present = [e for e in entries if e.path.exists()]
         if not present:
             return counts
@@ -368,6 +375,97 @@ class OutboxWorker:
             self.outbox.wakeup.clear()
 
 
+#: State a result (``<data_dir>/results/<id>/result.json``) gets when the node stopped while it was
+#: queued or running: its job died with the process; nothing of it was written or delivered.
+INTERRUPTED = "interrupted"
+
+
+@dataclass
+class ResultRecovery:
+    """What :func:`recover_results` did at start."""
+
+    interrupted: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    leftovers_removed: int = 0
+
+
+def recover_results(results_dir: str | os.PathLike[str], store: Store, outbox: Outbox) -> ResultRecovery:
+    """Make the API's results consistent after a crash (run by ``ainode serve`` before it listens).
+
+    * A result still ``queued`` or ``running`` on disk belonged to a job that died with the process:
+      it becomes ``interrupted`` with an error saying so (``GET /v1/segmentations/{id}`` answers it),
+      and the output files it may have begun are removed. The client submits it again.
+    * A ``done`` result with destinations whose SEG is not in the outbox for one of them (a crash
+      between writing the result and queueing it) is put in the store and queued now. Queueing is
+      idempotent per (SOP Instance UID, destination), so nothing already queued or delivered is
+      sent again.
+    * ``*.partial`` files (an interrupted atomic write) are removed.
+    """
+    report = ResultRecovery()
+    root = Path(results_dir)
+    if not root.is_dir():
+        return report
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for leftover in folder.glob("*.partial"):
+            _remove(leftover)
+            report.leftovers_removed += 1
+        path = folder / "result.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            logger.error("Result %s cannot be read at recovery: %s", folder.name, exc)
+            continue
+        state = data.get("state")
+        if state in ("queued", "running"):
+            for out in folder.iterdir():
+                if out.name != "result.json" and out.is_file():
+                    _remove(out)
+                    report.leftovers_removed += 1
+            data.update(state=INTERRUPTED, nifti=None, seg=None, seg_sop_instance_uid=None,
+                        seg_series_instance_uid=None,
+                        error=f"interrupted: the node stopped while this segmentation was {state} "
+                              f"(recovered at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}); "
+                              "nothing was written or delivered; submit it again.")
+            _write_json(path, data)
+            report.interrupted.append(folder.name)
+            continue
+        seg, sop, dests = data.get("seg"), data.get("seg_sop_instance_uid"), data.get("destinations") or []
+        if state != "done" or not seg or not sop or not dests:
+            continue
+        missing = [d for d in dests if outbox.entry(sop, d) is None]
+        if not missing:
+            continue
+        try:
+            put = store.put_file(seg, kind=KIND_RESULT)
+        except (OSError, InstanceValidationError) as exc:
+            logger.error("Result %s: its SEG cannot be queued at recovery: %s", folder.name, exc)
+            continue
+        outbox.enqueue(put.sop_instance_uid, put.path, missing)
+        report.requeued.append(folder.name)
+    if report.interrupted or report.requeued:
+        logger.warning("Results recovery: %d interrupted job(s) marked, %d result(s) queued for delivery",
+                       len(report.interrupted), len(report.requeued))
+    return report
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(data))
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
 def queue_destinations(names: Iterable[str], settings: Settings) -> list[str]:
     """Validate destination names against the settings; returns them de-duplicated in order.
 
@@ -386,5 +484,5 @@ def queue_destinations(names: Iterable[str], settings: Settings) -> list[str]:
     return out
 
 
-__all__ = ["DELIVERED", "FAILED", "PENDING", "Outbox", "OutboxEntry", "OutboxWorker", "destination_peer",
-           "queue_destinations"]
+__all__ = ["DELIVERED", "FAILED", "INTERRUPTED", "PENDING", "Outbox", "OutboxEntry", "OutboxWorker", "ResultRecovery",
+           "destination_peer", "queue_destinations", "recover_results"]

@@ -10,12 +10,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from node import __version__
+from node.api.auth import PUBLIC, required_role
 
 _UID = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)*$", "maxLength": 64}
 _IJK = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
 SCHEMAS: dict[str, Any] = {
     "SeriesRef": {
-        "type": "object", "required": ["series_instance_uid"],
+        "type": "object", "required": ["series_instance_uid"], "additionalProperties": False,
         "properties": {"series_instance_uid": _UID, "study_instance_uid": _UID,
                        "archive": {"type": "string", "description": "configured DICOMweb destination to pull from"}},
     },
@@ -30,20 +31,20 @@ SCHEMAS: dict[str, Any] = {
                        "positive": {"type": "boolean", "default": True}},
     },
     "Prompts": {
-        "type": "object",
+        "type": "object", "additionalProperties": False,
         "properties": {"points": {"type": "array", "items": {"$ref": "#/components/schemas/Point"}},
                        "boxes": {"type": "array", "items": {"$ref": "#/components/schemas/Box"}}},
     },
     "Segment": {
-        "type": "object",
+        "type": "object", "additionalProperties": False,
         "properties": {"label": {"type": "string"}, "color": {"type": "string"},
                        "category": {"type": "string", "description": "SCHEME^VALUE^MEANING"},
                        "type": {"type": "string", "description": "SCHEME^VALUE^MEANING"}},
     },
     "SegmentationRequest": {
-        "type": "object", "required": ["series", "prompts"],
+        "type": "object", "required": ["series", "prompts"], "additionalProperties": False,
         "properties": {
-            "series": {"$ref": "#/components/schemas/SeriesRef"},
+            "series": {"anyOf": [{"$ref": "#/components/schemas/SeriesRef"}, _UID]},
             "prompts": {"$ref": "#/components/schemas/Prompts"},
             "model": {"type": "string", "default": "litemedsam"},
             "mode": {"type": "string", "enum": ["2d", "3d"], "default": "3d"},
@@ -90,6 +91,10 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, str]] = {
     ("POST", "/v1/sessions/{id}/undo"): ("Undo the last prompts", None, "sessions"),
     ("POST", "/v1/sessions/{id}/reset"): ("Drop all prompts", None, "sessions"),
     ("GET", "/v1/sessions/{id}/mask"): ("The current mask (?output=json|bin|nifti|seg)", None, "sessions"),
+    ("GET", "/v1/sessions/{id}/slices"): ("The session's image geometry (per-slice positions, orientation, "
+                                          "spacing) and default window", None, "sessions"),
+    ("GET", "/v1/sessions/{id}/slices/{k}"): ("One slice's voxels: float32 little-endian (rows, columns) in "
+                                              "modality units", None, "sessions"),
     ("POST", "/v1/sessions/{id}/commit"): ("Write the SEG/NIfTI of the current mask and deliver it",
                                            "CommitRequest", "sessions"),
     ("GET", "/v1/status"): ("Queues, running jobs and sessions", None, "node"),
@@ -112,6 +117,9 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, str]] = {
     ("GET", "/datastore/image/info"): ("Image info (empty: clients upload into a session)", None, "monailabel"),
     ("GET", "/datastore/image/info/"): ("Image info (empty: clients upload into a session)", None, "monailabel"),
     ("GET", "/openapi.json"): ("This document", None, "node"),
+    ("GET", "/v1/config"): ("The effective settings (secrets masked); role admin", None, "admin"),
+    ("GET", "/v1/outbox"): ("Outbox counts and entries (?state=pending|delivered|failed&limit=N); role admin",
+                            None, "admin"),
 }
 
 _MASK_OUTPUT = ("output", "json (default), bin (gzip'd packbits), nifti or seg")
@@ -131,6 +139,7 @@ QUERY: dict[tuple[str, str], list[tuple[str, str]]] = {
                            ("uncompress", "accepted; zips are always read")],
     ("PUT", "/session"): [("expiry", "seconds (capped at api.session_ttl_seconds)")],
     ("GET", "/session/{id}"): [("update_ts", "true refreshes the session's last access")],
+    ("GET", "/v1/outbox"): [("state", "pending, delivered or failed"), ("limit", "latest N entries (1..10000)")],
     ("GET", "/v1/models"): [("model", "only this name"), ("label", "only models with this label"),
                             ("type", "deepgrow or annotation")],
 }
@@ -139,6 +148,11 @@ _FORM = {"multipart/form-data": {"schema": {"type": "object", "properties": {
     "params": {"type": "string", "description": "JSON object"},
     "file": {"type": "string", "format": "binary"}, "image": {"type": "string", "format": "binary"},
     "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}
+
+
+#: Path parameters: ids and UIDs never hold '/', '%', '\\' or spaces (node.api.guard refuses '.'/'..' segments).
+_ID = {"type": "string", "pattern": r"^[0-9A-Za-z._-]+$", "maxLength": 128}
+_PATH_PARAMS = {"k": {"type": "string", "pattern": r"^[0-9]+$", "maxLength": 9}}
 
 
 def build_document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
@@ -151,12 +165,14 @@ def build_document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
             summary, body, tag = OPERATIONS.get((method, route.path), (route.name, None, "node"))
             op: dict[str, Any] = {
                 "summary": summary, "tags": [tag], "operationId": f"{method.lower()}_{route.path}",
-                "responses": {"200": {"description": "OK"},
+                "responses": {"2XX": {"description": "OK (201 created; 202 accepted, e.g. wait=false)"},
                               "4XX": {"description": "Refused; the message names the field",
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-                              "503": {"description": "Queue full or model unavailable (Retry-After)"}},
+                              "502": {"description": "The archive failed while pulling the series"},
+                              "503": {"description": "Queue full or model unavailable (Retry-After)"},
+                              "504": {"description": "The job outlived api.job_timeout_seconds (it keeps running)"}},
             }
-            params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            params = [{"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS.get(name, _ID)}
                       for name in route.param_convertors]
             params += [{"name": name, "in": "query", "required": False, "description": text,
                         "schema": {"type": "string"}} for name, text in QUERY.get((method, route.path), [])]
@@ -167,6 +183,14 @@ def build_document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
             elif body:
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}}
+            role = required_role(method, route.path)
+            op["x-required-role"] = role  # docs/security.md; enforced by node.api.auth
+            if role == PUBLIC:
+                op["security"] = [{}]
+            else:
+                op["security"] = [{"bearer": [role]}, {}]  # {}: when api.tokens is empty
+                op["responses"]["401"] = {"description": "No or unknown bearer token (WWW-Authenticate)"}
+                op["responses"]["403"] = {"description": f"The token lacks the '{role}' role"}
             paths.setdefault(route.path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
