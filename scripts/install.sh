@@ -22,6 +22,12 @@ say() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
 debs=()
 if [ "$WITH_TEST" = 1 ]; then
   debs+=(dicom3tools dcmtk orthanc orthanc-dicomweb)
+  debs+=(wget)  # tests/docker runs docker/compose.yaml's Orthanc health check (wget) natively
+fi
+# npm builds the browser code (web/*) and fetches the OHIF viewer; chromium runs the browser tests.
+command -v npm >/dev/null 2>&1 || debs+=(nodejs npm)
+if [ "$WITH_TEST" = 1 ]; then
+  debs+=(chromium)
 fi
 # A fresh Debian has python3 without venv/ensurepip: python3-venv provides them.
 for cand in python3.11 python3; do
@@ -83,5 +89,50 @@ if [ "$WITH_TEST" = 1 ]; then
     echo "$test_key" > .venv/.ainode-test
   fi
 fi
+# --- Browser code (npm, install time only; nothing is fetched at run time) ----------------------
+# The OHIF viewer served at /ohif/: the prebuilt dist of @ohif/app, unpacked from its registry
+# tarball (a plain `npm install` would pull all of its build dependencies) and checked against the
+# pinned integrity. Kept in web/ohif/dist (gitignored).
+OHIF_VERSION=3.13.2
+OHIF_INTEGRITY=sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
+if [ "$(cat web/ohif/dist/.ainode-ohif 2>/dev/null)" != "$OHIF_VERSION" ]; then
+  say "fetching the OHIF viewer @ohif/app@$OHIF_VERSION from the npm registry"
+  ohif_tmp=$(mktemp -d)
+  (cd "$ohif_tmp" && npm pack --silent --no-fund "@ohif/app@$OHIF_VERSION" >/dev/null)
+  got=$(.venv/bin/python -c 'import base64, hashlib, sys; print("sha512-" + base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode())' "$ohif_tmp/ohif-app-$OHIF_VERSION.tgz")
+  [ "$got" = "$OHIF_INTEGRITY" ] || { echo "install: @ohif/app@$OHIF_VERSION integrity mismatch ($got)" >&2; rm -rf "$ohif_tmp"; exit 1; }
+  tar xzf "$ohif_tmp/ohif-app-$OHIF_VERSION.tgz" -C "$ohif_tmp" package/dist
+  rm -rf web/ohif/dist && mkdir -p web/ohif && mv "$ohif_tmp/package/dist" web/ohif/dist
+  echo "$OHIF_VERSION" > web/ohif/dist/.ainode-ohif
+  rm -rf "$ohif_tmp"
+fi
+# npm_ci DIR FILE...: `npm ci` (+ `npm run build` when the package has one) in DIR, re-run only when
+# the listed files (relative to DIR; all files but node_modules/dist/build when none) changed.
+npm_ci() {
+  local dir=$1 key; shift
+  if [ "$#" -gt 0 ]; then
+    key=$(cd "$dir" && cat "$@" | sha256sum | cut -c1-16)
+  else
+    key=$(cd "$dir" && find . \( -name node_modules -o -name dist -o -name build \) -prune -o -type f -print0 \
+          | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+  fi
+  # A package with a build script is also rebuilt when its output (dist/) is missing.
+  local built=1
+  if grep -q '"build"' "$dir/package.json" && [ ! -d "$dir/dist" ]; then built=0; fi
+  if [ "$built" = 0 ] || [ "$(cat "$dir/node_modules/.ainode-stamp" 2>/dev/null)" != "$key" ]; then
+    say "npm ci in $dir"
+    (cd "$dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error \
+       && npm run build --if-present --silent)
+    echo "$key" > "$dir/node_modules/.ainode-stamp"
+  fi
+}
+for pkg in web/*/package.json; do
+  if [ -f "$pkg" ]; then npm_ci "$(dirname "$pkg")"; fi
+done
+if [ "$WITH_TEST" = 1 ]; then
+  # playwright-core drives Debian's chromium (never downloads a browser).
+  npm_ci tests/browser package.json package-lock.json
+fi
+
 ver=$(.venv/bin/ainode version)  # fails the script when the package does not import
 say "ready: $ver"
