@@ -76,9 +76,24 @@ class LiteMedSAMSettings:
     box_margin: int = 2
     #: Slices whose embeddings are kept in memory (per process) for follow-up prompts.
     embedding_cache_slices: int = 512
+    #: Pre-encode slice embeddings in the background when a series becomes stable, is pulled or a session opens.
+    preencode: bool = True
+    #: Stable or pulled series that may wait for pre-encoding; beyond it the oldest waiting ones are skipped (newest
+    #: arrivals are the likeliest to be opened); 0 pre-encodes only series a session opens.
+    preencode_backlog: int = 8
+    #: Folder of the on-disk embedding cache (reused across restarts); empty = ``<data_dir>/embeddings``.
+    disk_cache_dir: str = ""
+    #: Size limit of the on-disk embedding cache in GB (least recently used series go first); 0 disables it.
+    disk_cache_gb: float = 4.0
     #: Image-encoder arithmetic: ``fp32`` (reference) or ``bf16`` (opt-in: ~3-4x faster on CPUs with
     #: native bf16, but masks differ from fp32 on ambiguous boxes; see docs/models.md).
     encoder_precision: str = "fp32"
+    #: How the float32 encoder runs: ``auto`` (``compile`` on a CPU under ``ainode serve``, else ``fused``),
+    #: ``compile`` (torch.compile, built in the background; exact), ``fused`` (conv+BN folded, exact) or
+    #: ``eager`` (as shipped); a backend that fails falls back to ``fused``/``eager`` (docs/models.md).
+    encoder_backend: str = "auto"
+    #: Folder for the compiled encoder (Inductor cache); empty = ``<data_dir>/encoder-cache`` under the node.
+    encoder_cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,9 @@ class StoreSettings:
     retention_interval_seconds: float = 600.0
     #: Refuse instances (0xA700 out of resources) when the file system has less free space than this.
     min_free_gb: float = 1.0
+    #: Size in MB of the pre-allocated acknowledgement journal of a serving node (instances are flushed
+    #: once into it before Success, placed files are flushed in batches); 0 = flush every file on its own.
+    journal_mb: int = 64
 
 
 @dataclass(frozen=True)
@@ -194,12 +212,18 @@ class HttpSettings:
     port: int = 8000
     #: Origins allowed to call the HTTP API from a browser (CORS), e.g. an OHIF served elsewhere; empty = none.
     cors_origins: tuple[str, ...] = ()
+    #: PEM certificate (chain) for HTTPS; set = the port serves HTTPS only (plain HTTP is refused).
+    tls_cert: str = ""
+    #: PEM private key of ``tls_cert`` (empty when the certificate file holds the key).
+    tls_key: str = ""
+    #: PEM CA bundle to verify client certificates with; set = clients must present one (mutual TLS).
+    tls_ca: str = ""
 
 
 @dataclass(frozen=True)
 class ApiSettings:
-    #: Bearer tokens accepted by the REST API, each ``USER:TOKEN`` (the user owns the sessions it opens);
-    #: empty = authentication off (the embedded default).
+    #: Bearer tokens for every HTTP route, each ``USER:TOKEN`` (roles read+segment) or ``USER:ROLE+ROLE:TOKEN``
+    #: (roles read, segment, admin; docs/security.md); the user owns its sessions; empty = authentication off.
     tokens: tuple[Secret, ...] = ()
     #: Seconds an interactive session may stay unused before it expires (and its memory is freed).
     session_ttl_seconds: float = 1800.0
@@ -218,6 +242,19 @@ class ApiSettings:
     #: DICOMweb destination that MONAI Label / OHIF-AI ``image=<SeriesInstanceUID>`` ids are pulled from and
     #: ``output=dicom_seg`` results stored to; empty = the first ``dicomweb`` destination.
     archive: str = ""
+
+
+@dataclass(frozen=True)
+class ViewerSettings:
+    #: Serve the OHIF viewer (installed by scripts/install.sh) at ``/ohif/`` (docs/viewer.md).
+    enabled: bool = True
+    #: The viewer's data source: empty = the node's own DICOMweb server (embedded); a ``dicomweb``
+    #: destination's name = that archive, proxied same-origin at ``/ohif-archive/`` with its auth.
+    archive: str = ""
+    #: Directory of the OHIF ``dist`` to serve; empty = ``web/ohif/dist`` of this installation.
+    dist: str = ""
+    #: Data source name shown in the viewer; empty = ``ainode`` (or ``ainode: ARCHIVE``).
+    title: str = ""
 
 
 @dataclass(frozen=True)
@@ -299,6 +336,7 @@ class Settings:
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    viewer: ViewerSettings = field(default_factory=ViewerSettings)
     #: Named peers and archives (``[destinations.PACS]``, ``kind`` = dimse / dicomweb / xnat): where results and
     #: forwarded series go, and what ``ainode pull`` reads from.
     destinations: dict[str, DestinationSettings] = field(default_factory=dict)

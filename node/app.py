@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ from config.settings import Settings
 from dicom_io.store import Store
 from node.dicomweb import DicomwebConfig, dicomweb_routes
 from node.errors import NodeError
+from node.prompt_page import prompt_page_routes
+from node.viewer import viewer_routes
 from node.scp import StoredInstance
 
 logger = logging.getLogger(__name__)
@@ -66,14 +69,24 @@ def create_app(
                                      allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
                                      expose_headers=["Content-Type", "Warning"]))
     dicomweb: Any = Starlette(routes=dicomweb_routes(cfg))
-    tokens = getattr(getattr(settings, "api", None), "tokens", ())
-    if tokens:
-        # The REST API's bearer tokens guard DICOMweb too (Orthanc: DicomWeb.Servers.X.HttpHeaders).
-        from node.api.auth import BearerAuthMiddleware
+    # Every route (API, DICOMweb, pages) behind the bearer tokens and roles of api.tokens (node/api/auth.py),
+    # then the request guard: body size limit and path tricks (node/api/guard.py); docs/security.md.
+    from node.api.auth import AuthMiddleware, parse_tokens
+    from node.api.guard import RequestGuardMiddleware
 
-        dicomweb = BearerAuthMiddleware(dicomweb, tokens=tokens)
+    tokens = getattr(getattr(settings, "api", None), "tokens", ())
+    try:
+        parse_tokens(tokens)  # a malformed entry stops start-up (the middleware is built at the first request)
+    except ValueError as exc:
+        from node.errors import ConfigurationError
+
+        raise ConfigurationError(str(exc)) from exc
+    middleware.append(Middleware(AuthMiddleware, tokens=tokens))
+    middleware.append(Middleware(RequestGuardMiddleware, max_body_bytes=settings.api.max_upload_bytes))
     return Starlette(
-        routes=[Route("/health", _health), Mount("/dicomweb", app=dicomweb), *routes],
+        # The prompt page (GET /, /prompt/...) precedes the API's catch-all mount.
+        routes=[Route("/health", _health), Mount("/dicomweb", app=dicomweb), *prompt_page_routes(),
+                *viewer_routes(settings), *routes],
         middleware=middleware,
         exception_handlers={NodeError: _node_error},
     )
@@ -88,13 +101,37 @@ class HttpServer:
         The ASGI application.
     host, port
         Address to bind (port 0 picks a free one; see :attr:`port` after :meth:`start`).
+    tls_cert, tls_key, tls_ca
+        HTTPS (``[http] tls_*``): PEM certificate and key; with ``tls_ca`` clients must present a
+        certificate signed by it. With a certificate the port serves HTTPS only.
+
+    Raises
+    ------
+    node.errors.ConfigurationError
+        When a TLS file is missing or unreadable.
     """
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, *, tls_cert: str = "", tls_key: str = "",
+                 tls_ca: str = "") -> None:
+        import ssl
+
         import uvicorn
 
+        tls: dict[str, Any] = {}
+        if tls_cert or tls_key or tls_ca:
+            from node.errors import ConfigurationError
+
+            if not tls_cert:
+                raise ConfigurationError("http.tls_key/tls_ca are set but http.tls_cert is empty.")
+            for name, value in (("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_ca", tls_ca)):
+                if value and not os.access(value, os.R_OK):
+                    raise ConfigurationError(f"http.{name} '{value}' is not a readable file.")
+            tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key or None}
+            if tls_ca:
+                tls.update(ssl_ca_certs=tls_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        self.tls = bool(tls)
         self.config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                     lifespan="off", timeout_graceful_shutdown=5)
+                                     lifespan="off", timeout_graceful_shutdown=5, **tls)
         self.server = uvicorn.Server(self.config)
         self._thread: threading.Thread | None = None
         self.host = host
@@ -120,7 +157,7 @@ class HttpServer:
             for sock in srv.sockets:
                 self.port = int(sock.getsockname()[1])
                 break
-        logger.info("HTTP (DICOMweb) listening on %s:%d", self.host, self.port)
+        logger.info("HTTP%s (DICOMweb) listening on %s:%d", "S" if self.tls else "", self.host, self.port)
         return self.host, self.port
 
     def stop(self, timeout: float = 10.0) -> None:

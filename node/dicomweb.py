@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import logging
@@ -118,8 +119,12 @@ async def _stow(request: Request, cfg: DicomwebConfig) -> Response:
     if not boundary:
         return _error(400, "multipart/related without a boundary parameter.")
     store = cfg.store
-    spool = store.root / "spool"
-    spool.mkdir(exist_ok=True)  # cleaned of crash leftovers by dicom_io.dicomweb.spool_dir on pulls
+    try:
+        store.check_space()
+        spool = store.root / "spool"
+        spool.mkdir(exist_ok=True)  # cleaned of crash leftovers by dicom_io.dicomweb.spool_dir on pulls
+    except OSError as exc:
+        return _store_full(exc, study, _base_url(request))
     ready: list[SpooledPart] = []
     parser = MultipartParser(boundary, ready.append, spool_dir=spool, max_memory=8 * 1024 * 1024)
     stored: list[dict[str, Any]] = []
@@ -148,6 +153,14 @@ async def _stow(request: Request, cfg: DicomwebConfig) -> Response:
         if not stored:
             return _error(400, f"Malformed multipart body: {exc}")
         failed.append({"00081197": {"vr": "US", "Value": [status.CANNOT_UNDERSTAND]}})
+    except OSError as exc:  # the spool cannot be written (disk full)
+        parser.abort()
+        for p in ready:
+            p.discard()
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        logger.error("STOW-RS from %s: cannot spool the request: %s", peer, exc)
+        failed.append({"00081197": {"vr": "US", "Value": [status.OUT_OF_RESOURCES]}})
     except BaseException:
         parser.abort()
         for p in ready:
@@ -162,8 +175,22 @@ async def _stow(request: Request, cfg: DicomwebConfig) -> Response:
     code = 200 if not failed else (202 if stored else 409)
     if not stored and not failed:
         code = 400
+    out_of_space = [f for f in failed if f.get("00081197", {}).get("Value") == [status.OUT_OF_RESOURCES]]
+    if failed and not stored and len(out_of_space) == len(failed):
+        code = 507  # Insufficient Storage: nothing stored because the node is out of space; retry later
     logger.info("STOW-RS from %s: %d stored, %d failed", peer, len(stored), len(failed))
     return JSONResponse(body, status_code=code, media_type=DICOM_JSON)
+
+
+def _store_full(exc: OSError, study: str | None, base: str) -> JSONResponse:
+    """507 Insufficient Storage with a Store Instances Response whose failure reason is 0xA700 (out of resources)."""
+    logger.error("STOW-RS refused: %s", exc)
+    body: dict[str, Any] = {}
+    if study is not None:
+        body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{study}"]}
+    body["00081198"] = {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [status.OUT_OF_RESOURCES]}}]}
+    body["00081199"] = {"vr": "SQ", "Value": []}
+    return JSONResponse(body, status_code=507, media_type=DICOM_JSON, headers={"Retry-After": "60"})
 
 
 def _store_one(cfg: DicomwebConfig, part: SpooledPart, study: str | None, base: str,
@@ -648,6 +675,38 @@ class DicomwebRoutes:
             return _error(406, f"Instance cannot be rendered: {type(exc).__name__}")
         return Response(data, media_type=media)
 
+    async def thumbnail(self, request: Request) -> Response:
+        """WADO-RS thumbnail (PS3.18 10.4.1.1.4) of a study, series, instance or frame: the middle
+        instance of the (first) series, rendered like ``rendered`` and fitted into ``viewport``
+        (default 128,128)."""
+        p = request.path_params
+        accept = request.headers.get("accept", "")
+        media = "image/png" if "image/png" in accept and "image/jpeg" not in accept else "image/jpeg"
+        viewport = (128, 128)
+        if "viewport" in request.query_params:
+            try:
+                w, h = (int(v) for v in request.query_params["viewport"].split(",")[:2])
+                viewport = (max(1, w), max(1, h))
+            except ValueError:
+                return _error(400, "viewport must be 'width,height'.")
+        try:
+            frame = int(p.get("frames", "1").split(",")[0])
+        except ValueError:
+            return _error(400, "Frame number must be an integer.")
+        recs = await run_in_threadpool(_records, self.cfg.store, p["study"], p.get("series"), p.get("instance"))
+        if not recs:
+            return _error(404, "No such study, series or instance is held.")
+        first_series = [r for r in recs if r.series_instance_uid == recs[0].series_instance_uid]
+        rec = first_series[len(first_series) // 2]
+        try:
+            data = await run_in_threadpool(_render, rec.path, frame, media, viewport)
+        except ValueError as exc:
+            return _error(404, str(exc))
+        except Exception as exc:  # no decoder for the pixel data, no pixel data (e.g. a report)
+            logger.warning("Cannot render a thumbnail of %s: %s", rec.sop_instance_uid, exc)
+            return _error(406, f"Instance cannot be rendered: {type(exc).__name__}")
+        return Response(data, media_type=media)
+
     async def bulk(self, request: Request) -> Response:
         p = request.path_params
         try:
@@ -722,6 +781,10 @@ def dicomweb_routes(cfg: DicomwebConfig) -> list[Route]:
         Route(s + se + i + "/frames/{frames}", h.frames, methods=["GET"]),
         Route(s + se + i + "/rendered", h.rendered, methods=["GET"]),
         Route(s + se + i + "/frames/{frames}/rendered", h.rendered, methods=["GET"]),
+        Route(s + "/thumbnail", h.thumbnail, methods=["GET"]),
+        Route(s + se + "/thumbnail", h.thumbnail, methods=["GET"]),
+        Route(s + se + i + "/thumbnail", h.thumbnail, methods=["GET"]),
+        Route(s + se + i + "/frames/{frames}/thumbnail", h.thumbnail, methods=["GET"]),
         Route(s + se + i + "/bulk/{tag}", h.bulk, methods=["GET"]),
     ]
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -14,7 +16,7 @@ from dicom_io.store import Store
 from node.errors import StoreBusyError
 from node.app import HttpServer, create_app
 from node.events import SeriesCallback, SeriesWatcher, routing_callback
-from node.outbox import Outbox, OutboxWorker
+from node.outbox import Outbox, OutboxWorker, recover_results
 from node.scp import DimseServer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class NodeService:
     settings
         Node settings.
     on_series_stable
-        Extra callbacks for :class:`~node.events.SeriesStable` events (embedding pre-computation later).
+        Extra callbacks for :class:`~node.events.SeriesStable` events (pre-encoding subscribes itself when HTTP is on).
     """
 
     def __init__(self, settings: Settings, on_series_stable: tuple[SeriesCallback, ...] = ()) -> None:
@@ -71,6 +73,9 @@ class NodeService:
             When the port cannot be bound.
         """
         s = self.settings
+        from config.logging import protect_loggers
+
+        protect_loggers()  # no patient identifiers from third-party loggers at any level (docs/security.md)
         store = Store(s.store_path, min_free_bytes=int(s.store.min_free_gb * 1024**3))
         if not store.acquire_owner_lock():
             store.close()
@@ -78,9 +83,15 @@ class NodeService:
         self.store = store
         try:
             report = store.recover()
-            logger.info("Store %s: %d instance(s) indexed (recovery: %d partial(s) removed, %d re-indexed)",
-                        s.store_path, store.count(), report.partials_removed, report.reindexed)
+            logger.info("Store %s: %d instance(s) indexed (recovery: %d replayed from the journal, %d partial(s) "
+                        "removed, %d re-indexed)", s.store_path, store.count(), report.replayed,
+                        report.partials_removed, report.reindexed)
+            store.start_journal(s.store.journal_mb * 1024**2)
             self.outbox = open_outbox(s, store)
+            # Crash leftovers: spooled parts of transfers in flight and upload folders (never
+            # acknowledged), and API results whose job died with the process (docs/reliability.md).
+            _clear_leftovers(store.root / "spool", s.data_path / "uploads")
+            recover_results(s.data_path / "results", store, self.outbox)
             self.watcher = SeriesWatcher(store, s.store.stable_after_seconds, s.store.stable_poll_seconds)
             if s.routes:
                 self.watcher.subscribe(routing_callback(s, store, self.outbox.enqueue))
@@ -93,9 +104,12 @@ class NodeService:
                 from node.inference import InferencePool
 
                 self.api = build_context(s, store, InferencePool(s), outbox=self.outbox)
+                if s.litemedsam.preencode:  # embeddings are computed while the series waits to be opened
+                    self.watcher.subscribe(self.api.preencoder.on_series_stable)
                 app = create_app(s, store, on_stored=self.dimse.listeners,
                                  routes=api_routes(s, store, context=self.api))
-                self.http = HttpServer(app, s.http.host, s.http.port)
+                self.http = HttpServer(app, s.http.host, s.http.port, tls_cert=s.http.tls_cert,
+                                       tls_key=s.http.tls_key, tls_ca=s.http.tls_ca)
                 self.http_address = self.http.start()
             self.worker = OutboxWorker(self.outbox, s.outbox.poll_seconds)
             self.worker.start()
@@ -151,8 +165,25 @@ class NodeService:
             self._stop.wait(self.settings.store.retention_interval_seconds)
 
 
+def _clear_leftovers(*folders: Path) -> None:
+    """Empty folders that only hold data of transfers in flight (called while no transfer runs)."""
+    import shutil
+
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 def serve(settings: Settings) -> int:
     """Run the node until SIGTERM or SIGINT; returns the process exit code."""
+    from models.encoders import enable_background_compile
+
+    enable_background_compile()  # a long-running node: `auto` may compile the encoder in the background
     service = NodeService(settings)
     stop = threading.Event()
 
@@ -167,8 +198,9 @@ def serve(settings: Settings) -> int:
         logger.info("ainode serving: AE %s on %s; store %s", d.ae_title,
                     ", ".join(f"{h}:{p}" for h, p in service.addresses), settings.store_path)
         if service.http_address:
-            logger.info("ainode serving DICOMweb at http://%s:%d/dicomweb and the REST API at http://%s:%d/v1",
-                        *service.http_address, *service.http_address)
+            scheme = "https" if settings.http.tls_cert else "http"
+            logger.info("ainode serving DICOMweb at %s://%s:%d/dicomweb and the REST API at %s://%s:%d/v1",
+                        scheme, *service.http_address, scheme, *service.http_address)
         while not stop.wait(0.5):
             pass
     finally:
@@ -177,4 +209,12 @@ def serve(settings: Settings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         logger.info("ainode stopped in %.2f s", time.perf_counter() - t0)
+    from models.encoders import compiling
+
+    if compiling():
+        # Everything durable is closed. A compile thread still inside native code would abort the
+        # interpreter's shutdown ("terminate called without an active exception"): leave directly.
+        logger.info("leaving while the encoder compile is still running (its cache stays partial)")
+        logging.shutdown()
+        os._exit(0)
     return 0

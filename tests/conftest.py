@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Every `ainode serve` a test starts would otherwise compile the encoder in the background (a minute
+# of both cores per fresh data dir). Tests run the exact float32 `fused` encoder unless they ask for
+# another one; tests/models/test_encoder_backends.py covers `compile` itself.
+os.environ.setdefault("AINODE_LITEMEDSAM_ENCODER_BACKEND", "fused")
 
 import peers  # noqa: E402
 

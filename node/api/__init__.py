@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -58,6 +59,14 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return _error(request, 400, str(exc))
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 400)
+    field = "body" if status == 400 else None
+    detail = str(getattr(exc, "detail", exc))
+    return _error(request, status, f"body: {detail}" if field else detail, field,
+                  dict(getattr(exc, "headers", None) or {}))
+
+
 async def _prompt_error(request: Request, exc: Exception) -> Response:
     return _error(request, 422, f"prompts: {exc}", "prompts")
 
@@ -68,6 +77,12 @@ async def _dicom_error(request: Request, exc: Exception) -> Response:
 
 async def _model_error(request: Request, exc: Exception) -> Response:
     return _error(request, 503, f"model: {exc}", "model")
+
+
+async def _memory_error(request: Request, exc: Exception) -> Response:
+    # Outside a model job (reading a large series, writing outputs); jobs raise ModelOutOfMemoryError.
+    return _error(request, 503, "The node ran out of memory on this request (e.g. reading a very large series); "
+                                "it goes on serving; retry later or with a smaller series.", None)
 
 
 def api_routes(settings: Settings, store: Store, inference: InferencePool | None = None,
@@ -115,7 +130,9 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
     native = NativeApi(ctx)
     monai = MonaiLabelApi(ctx)
     aiaa = AiaaApi(ctx, monai)
-    routes: list[BaseRoute] = [*native.routes(), *aiaa.routes(), *monai.routes()]
+    from node.api.admin import AdminApi
+
+    routes: list[BaseRoute] = [*native.routes(), *aiaa.routes(), *monai.routes(), *AdminApi(ctx).routes()]
     routes.append(openapi_route(routes))
     app = Starlette(
         routes=routes,
@@ -128,6 +145,9 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
             PromptError: _prompt_error,
             DicomInputError: _dicom_error,
             SegmenterModelError: _model_error,
+            MemoryError: _memory_error,
+            # Starlette's own refusals (malformed multipart/form data, 404/405) as JSON errors too.
+            HTTPException: _http_error,
         },
     )
     app.state.api = ctx

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -25,11 +26,11 @@ from config.settings import Settings
 from dicom_io.errors import DicomInputError
 from dicom_io.seg import AlgorithmSpec, SegmentSpec, build_seg, write_seg
 from dicom_io.series import Series, load_series
-from dicom_io.store import Store
+from dicom_io.store import Store, is_valid_uid
 from models.base import BoxPrompt, Mode, PointPrompt, PromptError, Prompts, SegmentationResult, Segmenter
 from node import __version__
 from node.errors import ConfigurationError, NodeError
-from node.inference import BATCH, INTERACTIVE, InferencePool, Job, JobContext
+from node.inference import BATCH, INTERACTIVE, InferencePool, Job, JobContext, Preencoder
 from node.pipeline import image_volume, safe_name
 from node.sessions import SessionStore
 
@@ -430,6 +431,9 @@ class ApiContext:
         self._deliveries: dict[tuple[str, str], dict[str, Any]] = {}
         self.started = time.time()
         self.requests = 0
+        #: Background pre-encoding (LiteMedSAM embeddings) of stable, pulled and opened series.
+        self.preencoder = Preencoder(inference, settings, lambda uid: self.load_series_blocking(SeriesRef(uid)))
+        sessions.on_open = lambda session: self.preencoder.schedule(session.series, model=session.model)
 
     # --- origins ------------------------------------------------------------------------------
 
@@ -493,17 +497,21 @@ class ApiContext:
                 if not study:
                     raise ApiError(502, f"{where}: archive '{archive}' found series {ref.series_instance_uid} but "
                                         "did not return its StudyInstanceUID.", where)
+            marker = self._pull_marker(ref.series_instance_uid)
+            _write_durably(marker, json.dumps({"archive": archive, "study_instance_uid": study}))
             result = pull_dicomweb(self.settings, self.store, archive, study, ref.series_instance_uid,
                                    origins=self.origins)
+            if not result.error:
+                marker.unlink(missing_ok=True)
         except DicomwebError as exc:
             raise ApiError(502, f"{where}: archive '{archive}' failed: {exc}", where) from exc
         except ConfigurationError as exc:
             raise bad(f"{where}.archive", str(exc)) from exc
         except ValueError as exc:
             raise bad(where, str(exc)) from exc
-        if result.error and not result.held:
-            raise ApiError(502, f"{where}: pulling series {ref.series_instance_uid} from '{archive}' failed: "
-                                f"{result.error}", where)
+        if result.error:  # the series is incomplete: the marker stays, the next request resumes the pull
+            raise ApiError(502, f"{where}: pulling series {ref.series_instance_uid} from '{archive}' failed "
+                                f"({result.held} instance(s) held, retrying resumes the pull): {result.error}", where)
         if not result.held:
             raise ApiError(404, f"{where}: series {ref.series_instance_uid} was not found on archive '{archive}'.",
                            where)
@@ -519,11 +527,16 @@ class ApiContext:
             404 unknown series, 422 series that cannot be assembled, 502 archive failures.
         """
         rec = self.store.get_series(ref.series_instance_uid)
-        if rec is None or rec.num_instances == 0:
+        pulled = False
+        unfinished = self._unfinished_pull(ref)
+        if unfinished is not None:  # a pull that was cut short (crash, archive failure): resume it
+            ref = unfinished
+        if rec is None or rec.num_instances == 0 or unfinished is not None:
             if not ref.archive and not self._has_archive():
                 raise ApiError(404, f"{where}.series_instance_uid: series {ref.series_instance_uid} is not stored "
                                     "on the node (give an archive to pull it from).", f"{where}.series_instance_uid")
             self._pull(ref, where)
+            pulled = True
             rec = self.store.get_series(ref.series_instance_uid)
         if rec is None or rec.num_instances == 0:
             raise ApiError(404, f"{where}.series_instance_uid: series {ref.series_instance_uid} is not stored on "
@@ -541,7 +554,24 @@ class ApiContext:
         except DicomInputError as exc:
             raise ApiError(422, f"{where}: series {ref.series_instance_uid} cannot be used: {exc}", where) from exc
         self.cache_series(series, rec.num_instances)
+        if pulled:
+            self.preencoder.schedule_uid(ref.series_instance_uid)
         return series
+
+    def _pull_marker(self, series_instance_uid: str) -> Path:
+        """``<data_dir>/pulls/<series>.json``: present from the start of a pull until it completes."""
+        return self.settings.data_path / "pulls" / f"{series_instance_uid}.json"
+
+    def _unfinished_pull(self, ref: SeriesRef) -> SeriesRef | None:
+        """``ref`` completed with the archive and study of a pull of it that never finished, else None."""
+        if not is_valid_uid(ref.series_instance_uid):
+            return None
+        try:
+            data = json.loads(self._pull_marker(ref.series_instance_uid).read_text())
+        except (OSError, ValueError):
+            return None
+        return SeriesRef(ref.series_instance_uid, ref.study_instance_uid or str(data.get("study_instance_uid") or ""),
+                         ref.archive or str(data.get("archive") or ""))
 
     def _has_archive(self) -> bool:
         return bool(self.settings.api.archive) or any(
@@ -777,6 +807,22 @@ class ApiContext:
         except (DicomInputError, ValueError, OSError) as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise ApiError(422, f"{where}: the uploaded files are not one usable image series: {exc}", where) from exc
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Write ``path`` atomically and fsync it (and its folder) before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def series_from_nifti(path: Path) -> Series:

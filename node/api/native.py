@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: Media type of the compact mask: gzip'd ``numpy.packbits`` of the (slices, rows, columns) mask, C order.
 MASK_MEDIA_TYPE = "application/x-ainode-mask"
+#: Media type of one slice's voxels (``GET /v1/sessions/{id}/slices/{k}``): float32 little-endian, C order.
+SLICE_MEDIA_TYPE = "application/x-ainode-slice"
 #: Session mask outputs.
 MASK_OUTPUTS = ("json", "bin", "nifti", "seg")
 _SEGMENTATION_KEYS = {"series", "prompts", "model", "mode", "segment", "outputs", "destinations", "wait"}
@@ -103,6 +105,8 @@ class NativeApi:
         job = ctx.submit(model, series, prompts, mode, user)
         rec = ctx.new_result(user, series, model, mode, segment.label, result_id=job.id)
         rec.destinations = destinations
+        # Persisted now, so a restart reports a job that died with the process (docs/reliability.md).
+        await run_in_threadpool(rec.save)
 
         async def complete() -> ResultRecord:
             try:
@@ -111,9 +115,11 @@ class NativeApi:
                 if exc.status == 504:
                     raise
                 rec.state, rec.error = job.state, str(exc)
+                await run_in_threadpool(rec.save)
                 raise
             except Exception as exc:
                 rec.state, rec.error = job.state, str(exc)
+                await run_in_threadpool(rec.save)
                 raise
             timings = {"load": t_load, "queue": inferred.queue_seconds, "inference": inferred.run_seconds}
             for key in ("encode", "decode"):
@@ -253,6 +259,35 @@ class NativeApi:
         session = self._session(request)
         return await _mask_response(self.ctx, session, _mask_output(request))
 
+    async def get_slices(self, request: Request) -> Response:
+        """The session's image geometry and display defaults (what a viewer needs before fetching slices)."""
+        session = self._session(request)
+        return JSONResponse(await run_in_threadpool(_slices_json, session))
+
+    async def get_slice(self, request: Request) -> Response:
+        """One slice's voxels: float32 little-endian (rows, columns) in modality units (HU for CT)."""
+        session = self._session(request)
+        series = session.series
+        raw = request.path_params["k"]
+        try:
+            k = int(raw)
+        except ValueError:
+            raise bad("k", f"'{raw}' is not a slice index.") from None
+        n = series.shape[0]
+        if not 0 <= k < n:
+            raise ApiError(404, f"k: slice {k} is outside the volume (0..{n - 1}).", "k")
+        plane = np.ascontiguousarray(series.voxels[k], dtype="<f4")
+        position = series.geometry.voxel_to_lps([0.0, 0.0, float(k)])
+        headers = {"X-Session-Id": session.id, "X-Slice": str(k),
+                   "X-Slice-Shape": f"{plane.shape[0]},{plane.shape[1]}",
+                   "X-Image-Position": ",".join(f"{v:.6f}" for v in position),
+                   "Cache-Control": "private, max-age=3600"}
+        body = plane.tobytes()
+        if "gzip" in request.headers.get("accept-encoding", "").lower():
+            body = await run_in_threadpool(gzip.compress, body, 1)
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, media_type=SLICE_MEDIA_TYPE, headers=headers)
+
     async def commit(self, request: Request) -> Response:
         ctx = self.ctx
         session = self._session(request)
@@ -335,6 +370,8 @@ class NativeApi:
             Route("/v1/sessions/{id}/undo", self.undo, methods=["POST"]),
             Route("/v1/sessions/{id}/reset", self.reset, methods=["POST"]),
             Route("/v1/sessions/{id}/mask", self.get_mask, methods=["GET"]),
+            Route("/v1/sessions/{id}/slices", self.get_slices, methods=["GET"]),
+            Route("/v1/sessions/{id}/slices/{k}", self.get_slice, methods=["GET"]),
             Route("/v1/sessions/{id}/commit", self.commit, methods=["POST"]),
             Route("/v1/status", self.status, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -354,6 +391,51 @@ def _session_json(session: Session) -> dict[str, Any]:
     return {**session.describe(), "links": {"self": base, "prompts": base + "/prompts", "undo": base + "/undo",
                                             "reset": base + "/reset", "mask": base + "/mask",
                                             "commit": base + "/commit"}}
+
+
+def _first_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+            value = value[0] if len(value) else None
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _slices_json(session: Session) -> dict[str, Any]:
+    """Geometry (per-slice positions, orientation, spacing) and a default window of a session's series."""
+    series = session.series
+    geo = series.geometry
+    n, rows, cols = series.shape
+    a = geo.affine
+    dc, dr = float(np.linalg.norm(a[:3, 0])), float(np.linalg.norm(a[:3, 1]))
+    orientation = [*(a[:3, 0] / dc), *(a[:3, 1] / dr)]
+    positions = [[round(float(v), 6) for v in geo.voxel_to_lps([0.0, 0.0, float(k)])] for k in range(n)]
+    sample = series.voxels[:, ::4, ::4] if series.voxels.size > 4_000_000 else series.voxels
+    lo, hi = (float(v) for v in np.percentile(sample, [1.0, 99.0]))
+    vmin, vmax = float(series.voxels.min()), float(series.voxels.max())
+    window = {"center": (lo + hi) / 2.0, "width": max(hi - lo, 1.0), "source": "percentiles"}
+    first = series.source_datasets[0] if series.source_datasets else None
+    center = _first_float(getattr(first, "WindowCenter", None)) if first is not None else None
+    width = _first_float(getattr(first, "WindowWidth", None)) if first is not None else None
+    monochrome1 = first is not None and str(getattr(first, "PhotometricInterpretation", "")) == "MONOCHROME1"
+    if center is not None and width is not None and width > 0 and not monochrome1:
+        window = {"center": center, "width": width, "source": "dicom"}
+    base = f"/v1/sessions/{session.id}"
+    return {
+        "session": session.id, "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": series.study_instance_uid, "frame_of_reference_uid": series.frame_of_reference_uid,
+        "modality": series.modality, "shape": [n, rows, cols],
+        "pixel_spacing": [round(dr, 6), round(dc, 6)],  # DICOM order: between rows, between columns
+        "slice_spacing": round(float(np.linalg.norm(a[:3, 2])), 6),
+        "orientation": [round(float(v), 6) for v in orientation],
+        "positions": positions,
+        "window": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in window.items()},
+        "range": [vmin, vmax], "dtype": "float32",
+        "links": {"slice": base + "/slices/{k}"},
+    }
 
 
 def _mask_output(request: Request) -> str:
@@ -419,4 +501,4 @@ def unpack_mask(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n).astype(bool).reshape(shape)
 
 
-__all__ = ["MASK_MEDIA_TYPE", "NativeApi", "unpack_mask"]
+__all__ = ["MASK_MEDIA_TYPE", "SLICE_MEDIA_TYPE", "NativeApi", "unpack_mask"]
