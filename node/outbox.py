@@ -23,7 +23,7 @@ from node.errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 PENDING = "pending"
-#: While a delivery attempt runs, its rows' next attempt is pushed this far out (a lease).
+#: While a delivery attempt runs, its rows' next attempt is pushed this far beyond the longest retry delay (a lease).
 _CLAIM_SECONDS = 300.0
 DELIVERED = "delivered"
 FAILED = "failed"
@@ -138,6 +138,27 @@ class Outbox:
         with self._lock:
             self._db.close()
 
+    def _claim_seconds(self) -> float:
+        # beyond any retry delay, so release_claims() can tell a claim from a scheduled retry
+        return float(self.settings.outbox.retry_max_seconds) + _CLAIM_SECONDS
+
+    def release_claims(self, now: float | None = None) -> int:
+        """Make rows claimed by an attempt that a crash cut short due now; returns their number.
+
+        A delivery attempt pushes its rows' next attempt :data:`_CLAIM_SECONDS` out while it runs;
+        after ``kill -9`` nothing would clear that, and the result would wait minutes. Called by
+        ``ainode serve`` at start, before its outbox worker runs (a retry delay is never longer than
+        ``outbox.retry_max_seconds``, so a later due time can only be a claim).
+        """
+        now = time.time() if now is None else now
+        limit = now + float(self.settings.outbox.retry_max_seconds)
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE outbox SET next_attempt=? WHERE state='pending' AND next_attempt>?", (now, limit))
+        if cur.rowcount:
+            logger.warning("Outbox: %d delivery attempt(s) cut short by a crash; retrying now", cur.rowcount)
+        return cur.rowcount
+
     # --- queueing -----------------------------------------------------------------------------
 
     def enqueue(self, sop_instance_uid: str, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
@@ -223,7 +244,7 @@ class Outbox:
                 for r in rows:
                     cur = self._db.execute(
                         "UPDATE outbox SET next_attempt=? WHERE id=? AND state='pending' AND next_attempt=?",
-                        (now + _CLAIM_SECONDS, r["id"], r["next_attempt"]),
+                        (now + self._claim_seconds(), r["id"], r["next_attempt"]),
                     )
                     if cur.rowcount:
                         claimed.append(r)

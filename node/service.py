@@ -88,6 +88,7 @@ class NodeService:
                         report.partials_removed, report.reindexed)
             store.start_journal(s.store.journal_mb * 1024**2)
             self.outbox = open_outbox(s, store)
+            self.outbox.release_claims()
             # Crash leftovers: spooled parts of transfers in flight and upload folders (never
             # acknowledged), and API results whose job died with the process (docs/reliability.md).
             _clear_leftovers(store.root / "spool", s.data_path / "uploads")

@@ -719,12 +719,15 @@ class ApiContext:
         Every destination (C-STORE, STOW-RS, XNAT) goes through the persisted outbox, retried with
         backoff across restarts by ``ainode serve``. Without an outbox (an app embedded without the
         node service), DICOMweb and XNAT archives are sent to once from a background thread.
+        Without destinations the node's own store is where the result is delivered (its DICOMweb
+        server and viewer show it), so it is marked delivered at once (retention may then age it out).
         """
         from node.archives import destination
 
-        if not destinations:
-            return {}
         put = self.store.put_file(seg_path, kind="result")
+        if not destinations:
+            self.store.mark_delivered(put.sop_instance_uid)
+            return {}
         out: dict[str, dict[str, Any]] = {}
         for name in destinations:
             dest = destination(name, self.settings)

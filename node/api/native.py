@@ -127,7 +127,7 @@ class NativeApi:
                     timings[key] = inferred.result.timings[key]
             await run_in_threadpool(ctx.finish_result, rec, series, np.asarray(inferred.result.mask, dtype=bool),
                                     segment, inferred.model, inferred.version, outputs, timings)
-            if destinations and rec.seg:
+            if rec.seg:  # into the store, and to each destination
                 t = time.perf_counter()
                 await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations)
                 rec.timings["deliver"] = time.perf_counter() - t
@@ -314,7 +314,7 @@ class NativeApi:
             await run_in_threadpool(
                 ctx.finish_result, rec, session.series, session.mask, segment,
                 getattr(seg, "name", session.model), getattr(seg, "version", ""), outputs, dict(last.timings))
-            if destinations and rec.seg:
+            if rec.seg:  # into the store, and to each destination
                 await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations)
         return JSONResponse({**_result_json(ctx, rec), "session": session.id}, status_code=201,
                             headers={"Location": f"/v1/segmentations/{rec.id}"})

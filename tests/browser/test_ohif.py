@@ -118,17 +118,12 @@ def _check_ohif(run: BrowserRun, expected: dict[str, int], result: dict[str, Any
 def test_ohif_embedded_shows_the_nodes_seg(tmp_path: Path) -> None:
     _need_viewer()
     phantom = _phantom(tmp_path / "ct")
-    # Results are kept in the node's store when delivered; SELF is the node's own DIMSE listener.
-    node, base = _start_node(tmp_path, """
-[destinations.SELF]
-ae_title = "AINODE"
-host = "127.0.0.1"
-port = @DIMSE@
-""")
+    # No destination at all: the node's own store is where an embedded result goes.
+    node, base = _start_node(tmp_path, "")
     try:
         subprocess.run(["storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, phantom.paths)],
                        check=True, capture_output=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, timeout=60)
-        result = _segment(base, {"series_instance_uid": phantom.series_instance_uid}, _box_prompt(phantom), ["SELF"])
+        result = _segment(base, {"series_instance_uid": phantom.series_instance_uid}, _box_prompt(phantom), [])
         study, seg_series = result["study_instance_uid"], result["seg_series_instance_uid"]
         r = httpx.get(f"{base}{result['links']['seg']}", timeout=60)
         assert r.status_code == 200

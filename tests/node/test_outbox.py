@@ -144,3 +144,32 @@ def test_archive_destination_goes_through_the_same_retries(tmp_path: Path) -> No
     assert e is not None and e.state == PENDING and e.last_status is None and e.last_error
     outbox.close()
     store.close()
+
+
+def test_a_claim_left_by_a_crashed_attempt_is_released_at_start(tmp_path: Path,
+                                                                recorder: peers.RecorderSCP) -> None:
+    settings = _settings(tmp_path, recorder)
+    store = Store.open(settings.store_path)
+    put = store.put_file(SEG_FILE, kind=KIND_RESULT)
+    outbox = Outbox(tmp_path / "outbox.sqlite", settings, store)
+    assert outbox.enqueue(put.sop_instance_uid, put.path, ["PEER"])
+    # An attempt claims the row and the process dies before it records the outcome (kill -9).
+    now = time.time()
+    with outbox._lock:
+        outbox._db.execute("UPDATE outbox SET next_attempt=?", (now + outbox._claim_seconds(),))
+    outbox.close()
+    recorder.start()
+    restarted = Outbox(tmp_path / "outbox.sqlite", settings, store)
+    assert restarted.deliver_due() == {DELIVERED: 0, FAILED: 0, PENDING: 0}  # still claimed: not due
+    assert restarted.release_claims() == 1
+    assert restarted.deliver_due() == {DELIVERED: 1, FAILED: 0, PENDING: 0}, restarted.entries()
+    assert recorder.counts == {put.sop_instance_uid: 1}
+    # A retry scheduled by backoff (never later than retry_max_seconds) is not a claim: left alone.
+    put2 = store.put_file(DATA / "MR2_UNCI.dcm", kind=KIND_RESULT)
+    assert restarted.enqueue(put2.sop_instance_uid, put2.path, ["PEER"])
+    with restarted._lock:
+        restarted._db.execute("UPDATE outbox SET next_attempt=? WHERE sop_instance_uid=?",
+                              (time.time() + settings.outbox.retry_max_seconds - 1, put2.sop_instance_uid))
+    assert restarted.release_claims() == 0
+    restarted.close()
+    store.close()
