@@ -335,7 +335,13 @@ def _send_file(assoc: Any, it: _Item, msg_id: int) -> Dataset:
     req.AffectedSOPClassUID = it.sop_class_uid
     req.AffectedSOPInstanceUID = it.sop_instance_uid
     req._dataset_path = (it.path, it.offset)
-    # As Association.send_c_store does: pause the reactor, send, wait for the response.
+    # As Association.send_c_store does: pause the reactor, send, wait for the response. First wait
+    # for the reactor to have resumed from the previous pause: until it runs again its _is_paused is
+    # still True from that pause, and a sender trusting it would let the reactor, once it wakes up,
+    # take the next C-STORE-RSP off the queue as "unexpected" (the sender then waits out its timeout).
+    deadline = time.monotonic() + 5.0
+    while assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
         time.sleep(0.0001)
