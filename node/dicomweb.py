@@ -98,6 +98,23 @@ class _HeaderCache:
         return ds
 
 
+
+def _render_params(request: Request, viewport: tuple[int, int] | None) -> tuple[str, tuple[int, int] | None, int] | Response:
+    """(media type, viewport, frame number) of a rendered/thumbnail request, or its 400 answer."""
+    accept = request.headers.get("accept", "")
+    media = "image/png" if "image/png" in accept and "image/jpeg" not in accept else "image/jpeg"
+    if "viewport" in request.query_params:
+        try:
+            w, h = (int(v) for v in request.query_params["viewport"].split(",")[:2])
+            viewport = (max(1, w), max(1, h))
+        except ValueError:
+            return _error(400, "viewport must be 'width,height'.")
+    try:
+        frame = int(request.path_params.get("frames", "1").split(",")[0])
+    except ValueError:
+        return _error(400, "Frame number must be an integer.")
+    return media, viewport, frame
+
 def _error(code: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=code)
 
@@ -650,19 +667,10 @@ class DicomwebRoutes:
     async def rendered(self, request: Request) -> Response:
         """WADO-RS rendered (PS3.18 10.4.1.1.3): one frame as JPEG (default) or PNG."""
         p = request.path_params
-        accept = request.headers.get("accept", "")
-        media = "image/png" if "image/png" in accept and "image/jpeg" not in accept else "image/jpeg"
-        viewport = None
-        if "viewport" in request.query_params:
-            try:
-                w, h = (int(v) for v in request.query_params["viewport"].split(",")[:2])
-                viewport = (max(1, w), max(1, h))
-            except ValueError:
-                return _error(400, "viewport must be 'width,height'.")
-        try:
-            frame = int(p.get("frames", "1").split(",")[0])
-        except ValueError:
-            return _error(400, "Frame number must be an integer.")
+        parsed = _render_params(request, None)
+        if isinstance(parsed, Response):
+            return parsed
+        media, viewport, frame = parsed
         recs = await run_in_threadpool(_records, self.cfg.store, p["study"], p["series"], p["instance"])
         if not recs:
             return _error(404, "No such instance is held.")
@@ -680,19 +688,10 @@ class DicomwebRoutes:
         instance of the (first) series, rendered like ``rendered`` and fitted into ``viewport``
         (default 128,128)."""
         p = request.path_params
-        accept = request.headers.get("accept", "")
-        media = "image/png" if "image/png" in accept and "image/jpeg" not in accept else "image/jpeg"
-        viewport = (128, 128)
-        if "viewport" in request.query_params:
-            try:
-                w, h = (int(v) for v in request.query_params["viewport"].split(",")[:2])
-                viewport = (max(1, w), max(1, h))
-            except ValueError:
-                return _error(400, "viewport must be 'width,height'.")
-        try:
-            frame = int(p.get("frames", "1").split(",")[0])
-        except ValueError:
-            return _error(400, "Frame number must be an integer.")
+        parsed = _render_params(request, (128, 128))
+        if isinstance(parsed, Response):
+            return parsed
+        media, viewport, frame = parsed
         recs = await run_in_threadpool(_records, self.cfg.store, p["study"], p.get("series"), p.get("instance"))
         if not recs:
             return _error(404, "No such study, series or instance is held.")
