@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -234,7 +235,53 @@ def _associate(peer: Peer, contexts: Sequence[tuple[str, Sequence[str]]]) -> tup
         assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         pass
+    checkpoint = _Checkpoint()
+    checkpoint.set()
+    assoc._reactor_checkpoint = checkpoint  # the reactor reads the attribute on every loop
     return assoc, ""
+
+
+class _Checkpoint(threading.Event):
+    """pynetdicom's reactor checkpoint (an Event the reactor waits on), counting the reactor's waits.
+
+    pynetdicom pauses its reactor before a request by clearing the Event and spinning until the
+    reactor's ``_is_paused`` flag is True; that flag is set *before* the reactor waits and is still True
+    for a moment after a wait has returned, so a sender can trust a stale flag and the reactor then
+    takes the peer's response off the queue as unexpected (the sender waits out its timeout). Counting
+    waits under a lock closes that window: see :func:`_pause_reactor`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Lock()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self.gate:
+            self.waits += 1
+        return super().wait(timeout)
+
+
+def _pause_reactor(assoc: Any, timeout: float = 5.0) -> None:
+    """Return once the association's reactor is blocked on its checkpoint (it stays so until ``set()``).
+
+    The checkpoint is cleared and the reactor's wait counter read under the same lock, so a wait
+    counted after that started after the clear and blocks. A reactor that already passed its
+    wait before the clear only polls for an incoming message before it comes round to that wait,
+    and nothing has been sent yet that it could take.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    deadline = time.monotonic() + timeout
+    if not isinstance(checkpoint, _Checkpoint):  # pynetdicom's own protocol
+        checkpoint.clear()
+        while not assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.0001)
+        return
+    with checkpoint.gate:
+        checkpoint.clear()
+        seen = checkpoint.waits
+    while checkpoint.waits == seen and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
 
 
 def echo(peer: Peer) -> EchoResult:
@@ -246,7 +293,11 @@ def echo(peer: Peer) -> EchoResult:
     if assoc is None:
         return EchoResult(None, error, time.perf_counter() - t0)
     try:
-        rsp = assoc.send_c_echo()
+        _pause_reactor(assoc)  # send_c_echo's own pause could trust a stale _is_paused
+        try:
+            rsp = assoc.send_c_echo()
+        finally:
+            assoc._reactor_checkpoint.set()
         code = int(rsp.Status) if "Status" in rsp else None
         return EchoResult(code, "" if code is not None else "no response", time.perf_counter() - t0)
     finally:
@@ -304,7 +355,11 @@ def _send_batch(peer: Peer, batch: list[tuple[int, _Item]]) -> dict[int, StoreRe
                 if it.path is not None:
                     rsp = _send_file(assoc, it, msg_id % 65536)
                 else:
-                    rsp = assoc.send_c_store(it.dataset, msg_id=msg_id % 65536)
+                    _pause_reactor(assoc)  # send_c_store's own pause could trust a stale _is_paused
+                    try:
+                        rsp = assoc.send_c_store(it.dataset, msg_id=msg_id % 65536)
+                    finally:
+                        assoc._reactor_checkpoint.set()  # also when it raised before resuming the reactor
             except (ValueError, AttributeError) as exc:  # no accepted context, cannot encode
                 out[idx] = StoreResult(it.source, it.sop_instance_uid, it.sop_class_uid, None, f"not sent: {exc}")
                 continue
@@ -335,16 +390,8 @@ def _send_file(assoc: Any, it: _Item, msg_id: int) -> Dataset:
     req.AffectedSOPClassUID = it.sop_class_uid
     req.AffectedSOPInstanceUID = it.sop_instance_uid
     req._dataset_path = (it.path, it.offset)
-    # As Association.send_c_store does: pause the reactor, send, wait for the response. First wait
-    # for the reactor to have resumed from the previous pause: until it runs again its _is_paused is
-    # still True from that pause, and a sender trusting it would let the reactor, once it wakes up,
-    # take the next C-STORE-RSP off the queue as "unexpected" (the sender then waits out its timeout).
-    deadline = time.monotonic() + 5.0
-    while assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.0001)
-    assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+    # As Association.send_c_store does: pause the reactor, send, wait for the response.
+    _pause_reactor(assoc)
     try:
         assoc.dimse.send_msg(req, context.context_id)
         _cx, rsp = assoc.dimse.get_msg(block=True)
@@ -361,6 +408,7 @@ def _close(assoc: Any) -> None:
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     try:
         if assoc.is_established:
+            _pause_reactor(assoc)  # release() pauses the reactor the same way; it resumes it itself
             assoc.release()
     except Exception:
         assoc.abort()

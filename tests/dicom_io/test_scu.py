@@ -116,3 +116,35 @@ def test_peer_parse() -> None:
     assert (p.ae_title, p.host, p.port, p.calling_ae_title) == ("PACS", "127.0.0.1", 104, "ME")
     with pytest.raises(ValueError, match="AE@host:port"):
         Peer.parse("PACS:104")
+
+
+def test_the_reactor_is_really_paused_even_when_its_flag_is_stale(scp: tuple[Recorder, int, Any]) -> None:
+    """pynetdicom's pause trusts `_is_paused`, which stays True for a moment after the reactor's wait
+    returned; the client's pause counts the reactor's waits instead (dicom_io/scu.py `_Checkpoint`)."""
+    import time
+
+    from pynetdicom.sop_class import Verification as VerificationSOP
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicom_io.scu import _associate, _close, _pause_reactor
+
+    _, port, _ = scp
+    assoc, error = _associate(Peer("TESTSCP", "127.0.0.1", port), [(VerificationSOP, [ExplicitVRLittleEndian])])
+    assert assoc is not None, error
+    try:
+        checkpoint = assoc._reactor_checkpoint
+        for _ in range(50):
+            assoc._is_paused = True  # stale, as right after the reactor's wait returned
+            _pause_reactor(assoc)
+            waits = checkpoint.waits
+            assert not checkpoint.is_set() and assoc._is_paused
+            time.sleep(0.005)  # a reactor that was not blocked would loop (1 ms sleep) and wait again
+            assert checkpoint.waits == waits
+            checkpoint.set()
+            time.sleep(0.002)
+        _pause_reactor(assoc)
+        rsp = assoc.send_c_echo()  # pynetdicom's own calls still work with the counting checkpoint
+        assert rsp.Status == 0 and checkpoint.is_set()  # and resume the reactor
+    finally:
+        _close(assoc)
+    assert not assoc.is_established
