@@ -20,6 +20,9 @@ Backends (figures: docs/models.md, ``benchmarks/encoder``):
     while ``fused`` answers; the switch happens when the compiled encoder is ready and agrees with
     ``fused`` on a probe input. The Inductor cache lives
     in ``<cache_dir>/inductor`` (the node passes a folder under its data dir), so restarts are warm.
+    The same thread then runs what :meth:`Encoder.then` registered (LiteMedSAM: the mask decoder's
+    compile, :mod:`models.decoders`). Calls always hand the compiled graph an inference tensor of one
+    slice, so no request ever triggers a recompile.
 ``bf16``
     The whole encoder cast to bfloat16, channels-last (fastest on CPUs with AVX512-BF16/AMX, but
     masks differ from float32 on real images: Dice 0.93-0.98 on some boxes; opt-in).
@@ -160,6 +163,7 @@ class Encoder:
         self._fused: Any = None
         self._thread: threading.Thread | None = None
         self._warned = False
+        self._then: list[Any] = []
         if backend == "eager":
             return
         try:
@@ -215,6 +219,17 @@ class Encoder:
             self.status = "compiling"
             thread.start()
 
+    def then(self, fn: Any) -> bool:
+        """Run ``fn()`` in the background compile thread once the encoder compiled (the decoder's compile).
+
+        Returns False (and never calls ``fn``) when this encoder does not compile in the background.
+        """
+        with self._lock:
+            if self._thread is None or self._thread.ident is not None:
+                return False
+            self._then.append(fn)
+            return True
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait for a started background compile; True when the requested backend answers."""
         if self._thread is not None and self._thread.ident is not None:
@@ -249,6 +264,16 @@ class Encoder:
             logger.debug("LiteMedSAM encoder: %s; falling back to '%s'", why, self.backend)
 
     def _compile(self) -> None:
+        self._compile_encoder()
+        if self.backend != "compile":
+            return  # Inductor does not work here (logged); the followers would fail the same way
+        for fn in self._then:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a follower's failure must not end the thread unlogged
+                logger.exception("background compile step after the encoder failed")
+
+    def _compile_encoder(self) -> None:
         import torch
 
         t0 = time.perf_counter()
@@ -264,6 +289,10 @@ class Encoder:
                 # one static shape (a single slice) and always inference mode: callers with other
                 # batch sizes or grad modes never trigger a recompile on their thread
                 with torch.inference_mode():
+                    # one layout and tensor kind for the probe and every request: never a recompile
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    if not x.is_inference():
+                        x = x.clone()
                     if x.shape[0] == 1:
                         return compiled(x)
                     return torch.cat([compiled(x[i : i + 1]) for i in range(x.shape[0])])

@@ -60,6 +60,7 @@ from models.base import (
 )
 from models.embedding_cache import DiskEmbeddingCache
 from models.encoders import FP32_BACKENDS as ENCODER_BACKENDS
+from models.decoders import BoxDecoder
 from models.encoders import Encoder, native_bf16  # noqa: F401 - native_bf16 re-exported
 from models.intensity import IntensityParams, intensity_range, to_uint8
 
@@ -222,7 +223,10 @@ class LiteMedSAM:
         self._memo_bytes = 0
         #: Byte limit of that memo (0 disables it).
         self.decode_memo_bytes = DECODE_MEMO_BYTES
-        self._image_pe: Any = None
+        #: Prompt encoder + mask decoder (:class:`models.decoders.BoxDecoder`); compiled after the
+        #: image encoder when the encoder compiles in the background.
+        self._decoder = BoxDecoder(self._net, self._device)
+        self._encoder.then(self._decoder.compile)
         #: Counters for diagnostics and tests (image encoder / mask decoder forward passes).
         self.encoder_calls = 0
         self.decoder_calls = 0
@@ -525,11 +529,6 @@ class LiteMedSAM:
             out.append(entry)
         return out
 
-    def _dense_pe(self) -> Any:
-        if self._image_pe is None:  # constant: positional encoding of the 64x64 embedding grid
-            self._image_pe = self._net.prompt_encoder.get_dense_pe()
-        return self._image_pe
-
     def _decode(
         self, job: _Job, emb: _Embedding, boxes: np.ndarray, shape: tuple[int, int], multimask: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -588,15 +587,8 @@ class LiteMedSAM:
         import torch.nn.functional as F
 
         box256 = torch.from_numpy(boxes * np.float32(emb.scale)).to(self._device).reshape(-1, 1, 4)
-        net = self._net
-        sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=None)
-        logits, iou = net.mask_decoder(
-            image_embeddings=emb.tensor.float(),
-            image_pe=self._dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
+        self._encoder.start()  # a background compile (encoder, then this decoder) starts with the first use
+        logits, iou = self._decoder(emb.tensor.float(), box256, multimask)
         nh, nw = emb.new_hw
         logits = F.interpolate(logits[..., :nh, :nw], size=shape, mode="bilinear", align_corners=False)
         self.decoder_calls += 1

@@ -31,3 +31,9 @@ def litemedsam():
     from models.litemedsam import LiteMedSAM
 
     return LiteMedSAM(LiteMedSAMSettings(), ModelSettings(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def compile_cache_dir(tmp_path_factory):
+    """One encoder-cache folder for every test that compiles: Inductor picks its cache folder once per process."""
+    return tmp_path_factory.mktemp("encoder-cache")

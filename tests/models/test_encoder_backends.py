@@ -153,11 +153,11 @@ def test_unknown_backend_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_compiled_backend_matches_eager_float32(net, cases, tmp_path) -> None:
-    enc = Encoder(net.image_encoder, "compile", torch.device("cpu"), cache_dir=tmp_path, background=False)
+def test_compiled_backend_matches_eager_float32(net, cases, compile_cache_dir) -> None:
+    enc = Encoder(net.image_encoder, "compile", torch.device("cpu"), cache_dir=compile_cache_dir, background=False)
     assert enc.backend == "compile", enc.describe()
     assert enc.compile_seconds is not None
-    assert any((tmp_path / "inductor").iterdir())  # the cache the next start reuses
+    assert any((compile_cache_dir / "inductor").iterdir())  # the cache the next start reuses
     _assert_matches_eager(net, enc, cases)
     with torch.inference_mode():  # batches work with the static single-slice graph
         x = torch.rand(2, 3, 256, 256)
@@ -181,6 +181,7 @@ def test_a_backend_that_cannot_be_built_falls_back_and_the_model_keeps_answering
         assert model._encoder.wait_ready(timeout=600) is False
         assert model._encoder.backend == "fused"
         assert "torch.compile failed" in model._encoder.status
+        assert model._decoder.backend == "eager"  # no decoder compile after a failed encoder compile
         model.clear_cache()
         again = model.segment(image, prompts, mode="2d").mask[k]
     assert dice(first, a[k]) > 0.9
