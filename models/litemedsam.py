@@ -430,6 +430,17 @@ class LiteMedSAM:
                     group, res.encoded, res.loaded, res.cached, len(res.remaining))
         return res
 
+    def backends(self) -> dict[str, str]:
+        """What runs the image encoder and the mask decoder now, and why when it is not what was asked.
+
+        E.g. ``{"encoder": "fused (compile: compiling)", "decoder": "eager"}`` during the background
+        compile of ``ainode serve``, ``{"encoder": "compile", "decoder": "compile"}`` after it.
+        """
+        decoder = self._decoder.backend
+        if self._decoder.status:
+            decoder += f" ({self._decoder.status})"
+        return {"encoder": self._encoder.describe(), "decoder": decoder}
+
     def clear_cache(self) -> None:
         """Drop all cached slice embeddings and decoder results held in memory (the disk cache stays)."""
         self._cache.clear()

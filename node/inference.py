@@ -287,6 +287,7 @@ class InferenceQueue:
             "loaded": seg is not None,
             "device": getattr(seg, "device", None),
             "version": getattr(seg, "version", None),
+            "backends": seg.backends() if callable(getattr(seg, "backends", None)) else None,
             "load_error": self._load_error or None,
             "available": not self._load_error,
             "queued": self._foreground,

@@ -67,6 +67,8 @@ def test_the_background_compile_builds_a_decoder_that_matches_eager(phantom, com
         model = LiteMedSAM(LiteMedSAMSettings(encoder_backend="compile", encoder_cache_dir=str(compile_cache_dir)),
                            ModelSettings(device="cpu"))
         assert model._decoder.backend == "eager"
+        assert model.backends() == {"encoder": "fused (compile: compile starts with the first encode)",
+                                    "decoder": "eager"}
         image, a, _ = phantom
         ks = np.flatnonzero(a.any(axis=(1, 2)))
         k = int(ks[len(ks) // 2])
@@ -75,6 +77,7 @@ def test_the_background_compile_builds_a_decoder_that_matches_eager(phantom, com
         assert model._encoder.wait_ready(timeout=1800), model._encoder.describe()
     assert model._decoder.backend == "compile", model._decoder.status
     assert model._decoder.compile_seconds is not None
+    assert model.backends() == {"encoder": "compile", "decoder": "compile"}
     assert any("mask decoder compiled" in r.getMessage() for r in caplog.records)
 
     eager = BoxDecoder(model._net, torch.device("cpu"))
@@ -133,3 +136,4 @@ def test_one_shot_models_never_compile_the_decoder(litemedsam) -> None:
     """Without a background compile (CLI, embedded use, the test suite's `fused`) the decoder stays eager."""
     assert litemedsam._encoder.then(lambda: None) is False
     assert litemedsam._decoder.backend == "eager" and litemedsam._decoder.status == ""
+    assert litemedsam.backends() == {"encoder": "fused", "decoder": "eager"}
