@@ -137,3 +137,26 @@ def test_one_shot_models_never_compile_the_decoder(litemedsam) -> None:
     assert litemedsam._encoder.then(lambda: None) is False
     assert litemedsam._decoder.backend == "eager" and litemedsam._decoder.status == ""
     assert litemedsam.backends() == {"encoder": "fused", "decoder": "eager"}
+
+
+def test_sharing_the_image_side_across_boxes_gives_upstreams_results(litemedsam, phantom) -> None:
+    """BoxDecoder feeds the embedding once instead of repeat_interleave'ing it per box: same numbers as
+    upstream's MaskDecoder for one box, a batch of candidates and the multimask outputs, on real slices."""
+    dec = BoxDecoder(litemedsam._net, torch.device("cpu"))
+    net = litemedsam._net
+    checked = 0
+    for name, sl, boxes in _slices(phantom):
+        emb, _, s = _embed(litemedsam, sl)
+        b256 = torch.from_numpy(boxes * np.float32(s)).reshape(-1, 1, 4)
+        with torch.inference_mode():
+            pe = dec.dense_pe()
+            for batch, multimask in ((b256[:1], False), (b256[:1], True), (b256, False), (b256, True)):
+                got = dec(emb, batch, multimask)
+                sparse, dense = net.prompt_encoder(points=None, boxes=batch, masks=None)
+                want = net.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                        dense_prompt_embeddings=dense, multimask_output=multimask)
+                assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
+                assert float((got[0] - want[0]).abs().max()) <= 1e-4, name
+                assert float((got[1] - want[1]).abs().max()) <= 1e-5, name
+                checked += 1
+    assert checked == 12
