@@ -89,7 +89,8 @@ class LiteMedSAMSettings:
     #: native bf16, but masks differ from fp32 on ambiguous boxes; see docs/models.md).
     encoder_precision: str = "fp32"
     #: How the float32 encoder runs: ``auto`` (``compile`` on a CPU under ``ainode serve``, else ``fused``),
-    #: ``compile`` (torch.compile, built in the background; exact), ``fused`` (conv+BN folded, exact) or
+    #: ``compile`` (torch.compile of the encoder and then the mask decoder, built in the background; exact),
+    #: ``fused`` (conv+BN folded, exact) or
     #: ``eager`` (as shipped); a backend that fails falls back to ``fused``/``eager`` (docs/models.md).
     encoder_backend: str = "auto"
     #: Folder for the compiled encoder (Inductor cache); empty = ``<data_dir>/encoder-cache`` under the node.
