@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 #: Phantom geometry: object A (large, 150 HU) and object B (smaller, 110 HU) on the middle slice 12,
@@ -35,3 +37,19 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def bbox_prompt_coords(mask2d: np.ndarray, margin: int = 3) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(mask2d)
     return xs.min() - margin, ys.min() - margin, xs.max() + margin, ys.max() + margin
+
+
+def model_input(sl: np.ndarray) -> tuple[Any, tuple[int, int], float]:
+    """LiteMedSAM preprocessing of a uint8 slice (as models/litemedsam.py): longest side to 256, min-max to [0, 1],
+    zero padding bottom/right, 3 channels. Returns (tensor (1, 3, 256, 256), unpadded (h, w), scale)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = sl.shape
+    s = 256 / max(h, w)
+    nh, nw = max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
+    x = torch.from_numpy(sl.astype(np.float32))[None, None]
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=s < 1)
+    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
+    return F.pad(x, (0, 256 - nw, 0, 256 - nh)).expand(-1, 3, -1, -1).contiguous(), (nh, nw), s

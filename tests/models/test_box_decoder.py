@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydicom.data import get_testdata_file
 
 from config.settings import LiteMedSAMSettings, ModelSettings
-from model_test_utils import bbox_prompt_coords, dice
+from model_test_utils import bbox_prompt_coords, dice, model_input
 from models.base import BoxPrompt, Prompts
 from models.decoders import BoxDecoder
 from models.intensity import IntensityParams, intensity_range, to_uint8
@@ -43,16 +43,10 @@ def _slices(phantom) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def _embed(model: LiteMedSAM, sl: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], float]:
-    h, w = sl.shape
-    s = 256 / max(h, w)
-    nh, nw = max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
-    x = torch.from_numpy(sl.astype(np.float32))[None, None]
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=s < 1)
-    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
-    x = F.pad(x, (0, 256 - nw, 0, 256 - nh)).expand(-1, 3, -1, -1).contiguous()
+    """The slice's embedding as the model keeps it (float16 round trip), unpadded (h, w) and scale."""
+    x, hw, s = model_input(sl)
     with torch.inference_mode():
-        return model._encoder(x).to(torch.float16).float(), (nh, nw), s
+        return model._encoder(x).to(torch.float16).float(), hw, s
 
 
 def _masks(logits: torch.Tensor, hw: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:

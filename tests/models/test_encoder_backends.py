@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydicom.data import get_testdata_file
 
 from config.settings import LiteMedSAMSettings, ModelSettings
-from model_test_utils import bbox_prompt_coords, dice
+from model_test_utils import bbox_prompt_coords, dice, model_input
 from models.base import BoxPrompt, Prompts
 from models.encoders import Encoder, fuse_conv_bn
 from models.intensity import IntensityParams, intensity_range, to_uint8
@@ -60,22 +60,11 @@ def cases(phantom) -> list[tuple[str, np.ndarray, list[tuple[float, ...]]]]:
     return out
 
 
-def _model_input(sl: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], float]:
-    h, w = sl.shape
-    s = 256 / max(h, w)
-    nh, nw = max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
-    x = torch.from_numpy(sl.astype(np.float32))[None, None]
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=s < 1)
-    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
-    return F.pad(x, (0, 256 - nw, 0, 256 - nh)).expand(-1, 3, -1, -1).contiguous(), (nh, nw), s
-
-
 @torch.inference_mode()
 def _masks(net, encoder, cases) -> list[tuple[str, np.ndarray]]:
     out = []
     for name, sl, boxes in cases:
-        x, (nh, nw), s = _model_input(sl)
+        x, (nh, nw), s = model_input(sl)
         emb = encoder(x).float()
         for box in boxes:
             sparse, dense = net.prompt_encoder(points=None, boxes=torch.tensor([[[v * s for v in box]]]), masks=None)
