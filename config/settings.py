@@ -54,6 +54,9 @@ class ModelSettings:
     device: str = "auto"
     #: Torch intra-op threads on CPU; 0 keeps torch's default (one per core).
     threads: int = 0
+    #: Load the default model when ``ainode serve`` starts (in the background, with its background compile),
+    #: so the first request waits for neither; false: load it on first use.
+    load_at_start: bool = True
 
 
 @dataclass(frozen=True)

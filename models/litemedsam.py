@@ -430,6 +430,10 @@ class LiteMedSAM:
                     group, res.encoded, res.loaded, res.cached, len(res.remaining))
         return res
 
+    def warm_up(self) -> None:
+        """Start the background compile now, if this model compiles in the background (else nothing)."""
+        self._encoder.start()
+
     def backends(self) -> dict[str, str]:
         """What runs the image encoder and the mask decoder now, and why when it is not what was asked.
 

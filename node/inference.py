@@ -261,8 +261,15 @@ class InferenceQueue:
         return True
 
     def warm_up(self) -> Future[None]:
-        """Load the model on the worker thread now (instead of at the first request)."""
-        return self.submit(lambda seg, ctx: None, kind="warm-up").future
+        """Load the model on the worker thread now (instead of at the first request) and start its
+        background work (LiteMedSAM: the encoder/decoder compile under ``ainode serve``)."""
+
+        def warm(seg: Segmenter, ctx: JobContext) -> None:
+            start = getattr(seg, "warm_up", None)
+            if callable(start):
+                start()
+
+        return self.submit(warm, kind="warm-up").future
 
     # --- inspection -----------------------------------------------------------------------------
 

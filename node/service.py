@@ -198,6 +198,10 @@ def serve(settings: Settings) -> int:
         d = settings.dimse
         logger.info("ainode serving: AE %s on %s; store %s", d.ae_title,
                     ", ".join(f"{h}:{p}" for h, p in service.addresses), settings.store_path)
+        if service.api is not None and settings.model.load_at_start:
+            # loaded on the model's worker thread; a failure shows in /v1/status and in the first request
+            service.api.inference.queue(settings.model.default).warm_up()
+            logger.info("loading model %s in the background", settings.model.default)
         if service.http_address:
             scheme = "https" if settings.http.tls_cert else "http"
             logger.info("ainode serving DICOMweb at %s://%s:%d/dicomweb and the REST API at %s://%s:%d/v1",

@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # of both cores per fresh data dir). Tests run the exact float32 `fused` encoder unless they ask for
 # another one; tests/models/test_encoder_backends.py covers `compile` itself.
 os.environ.setdefault("AINODE_LITEMEDSAM_ENCODER_BACKEND", "fused")
+# ... and load the model on first use: dozens of nodes start during a run, most never segment
+os.environ.setdefault("AINODE_MODEL_LOAD_AT_START", "false")
 
 import peers  # noqa: E402
 
