@@ -130,7 +130,7 @@ def test_one_shot_models_never_compile_the_decoder(litemedsam) -> None:
     """Without a background compile (CLI, embedded use, the test suite's `fused`) the decoder stays eager."""
     assert litemedsam._encoder.then(lambda: None) is False
     assert litemedsam._decoder.backend == "eager" and litemedsam._decoder.status == ""
-    assert litemedsam.backends() == {"encoder": "fused", "decoder": "eager"}
+    assert litemedsam.backends() == {"encoder": "onnx", "decoder": "eager"}  # auto on a CPU: ONNX Runtime
 
 
 def test_sharing_the_image_side_across_boxes_gives_upstreams_results(litemedsam, phantom) -> None:

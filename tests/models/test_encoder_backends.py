@@ -119,26 +119,41 @@ def test_batches_of_slices_equal_single_slices(net) -> None:
     assert float((batch - single).abs().max()) < 1e-3
 
 
-def test_auto_picks_compile_only_in_a_long_running_node_with_a_cache_folder(net, tmp_path) -> None:
+def test_auto_picks_onnx_runtime_on_a_cpu_and_the_decoder_compiles_only_in_a_long_running_node(net, tmp_path) -> None:
     from models import encoders
 
-    assert Encoder(net.image_encoder, "auto").requested == "fused"
-    # one-shot commands (ainode segment, embedded use) never start a compile
-    assert Encoder(net.image_encoder, "auto", torch.device("cpu"), cache_dir=tmp_path).requested == "fused"
+    assert encoders.onnxruntime_available()  # a runtime dependency (requirements/runtime.txt)
+    one_shot = Encoder(net.image_encoder, "auto", torch.device("cpu"), cache_dir=tmp_path)
+    assert (one_shot.requested, one_shot.backend, one_shot.status) == ("onnx", "onnx", "")
+    # one-shot commands (ainode segment, embedded use) never start a compile thread
+    assert one_shot.then(lambda: None) is False
     encoders.enable_background_compile()  # what `ainode serve` does
     try:
-        enc = Encoder(net.image_encoder, "auto", torch.device("cpu"), cache_dir=tmp_path)
+        served = Encoder(net.image_encoder, "auto", torch.device("cpu"), cache_dir=tmp_path)
+        no_folder = Encoder(net.image_encoder, "auto", torch.device("cpu"))
     finally:
         encoders.enable_background_compile(False)
-    assert enc.requested == "compile"
-    assert enc.backend == "fused"  # fused answers until the compile (started by the first encode) is ready
-    assert "first encode" in enc.status and enc.describe().startswith("fused (compile: ")
-    assert enc.wait_ready(timeout=0) is False  # nothing started, nothing to wait for
+    assert served.backend == "onnx" and served.describe() == "onnx"
+    ran: list[str] = []
+    assert served.then(lambda: ran.append("decoder")) is True  # the decoder's compile, in the background
+    served.start()
+    assert served.wait_ready(timeout=60) and ran == ["decoder"]
+    assert (tmp_path / "inductor").is_dir()  # where the decoder's Inductor cache goes
+    assert no_folder.then(lambda: None) is False  # no cache folder: nothing compiles
+
+
+def test_onnx_backend_matches_eager_float32(net, cases) -> None:
+    enc = Encoder(net.image_encoder, "onnx", torch.device("cpu"))
+    assert enc.backend == "onnx", enc.describe()
+    with torch.inference_mode():  # batches too (the batch dimension of the exported graph is dynamic)
+        x = torch.rand(2, 3, 256, 256)
+        assert float((enc(x) - net.image_encoder(x)).abs().max()) < 1e-3
+    _assert_matches_eager(net, enc, cases)
 
 
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="encoder_backend must be one of"):
-        LiteMedSAM(LiteMedSAMSettings(encoder_backend="onnx"), ModelSettings(device="cpu"))
+        LiteMedSAM(LiteMedSAMSettings(encoder_backend="tensorrt"), ModelSettings(device="cpu"))
 
 
 @pytest.mark.slow
@@ -187,7 +202,7 @@ def test_litemedsam_default_backend_segments_like_eager(phantom) -> None:
     prompts = Prompts(boxes=(BoxPrompt(*bbox_prompt_coords(a[k]), k=k),))
     eager = LiteMedSAM(LiteMedSAMSettings(encoder_backend="eager"), ModelSettings(device="cpu"))
     default = LiteMedSAM(LiteMedSAMSettings(), ModelSettings(device="cpu"))
-    assert (eager._encoder.backend, default._encoder.backend) == ("eager", "fused")
+    assert (eager._encoder.backend, default._encoder.backend) == ("eager", "onnx")
     assert default.encoder_precision == "float32"
     m0 = eager.segment(image, prompts, mode="2d").mask[k]
     m1 = default.segment(image, prompts, mode="2d").mask[k]
