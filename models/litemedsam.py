@@ -437,8 +437,8 @@ class LiteMedSAM:
     def backends(self) -> dict[str, str]:
         """What runs the image encoder and the mask decoder now, and why when it is not what was asked.
 
-        E.g. ``{"encoder": "fused (compile: compiling)", "decoder": "eager"}`` during the background
-        compile of ``ainode serve``, ``{"encoder": "compile", "decoder": "compile"}`` after it.
+        E.g. ``{"encoder": "onnx", "decoder": "eager"}`` while ``ainode serve`` compiles the decoder in
+        the background, ``{"encoder": "onnx", "decoder": "compile"}`` after it.
         """
         decoder = self._decoder.backend
         if self._decoder.status:
