@@ -22,6 +22,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from models.encoders import brief
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
@@ -111,8 +113,7 @@ class BoxDecoder:
             if not worst <= PROBE_TOLERANCE:
                 raise RuntimeError(f"compiled decoder differs from eager by {worst:.3g} on the probe")
         except Exception as exc:  # noqa: BLE001 - any compile failure leaves eager answering
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            self._fallback(f"torch.compile failed ({type(exc).__name__}: {first_line})")
+            self._fallback(f"torch.compile failed ({brief(exc)})")
             return
         self.compile_seconds = time.perf_counter() - t0
         with self._lock:

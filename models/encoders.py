@@ -308,8 +308,7 @@ class Encoder:
             if not diff <= PROBE_TOLERANCE:
                 raise RuntimeError(f"the ONNX Runtime encoder differs from float32 by {diff:.3g} on the probe input")
         except Exception as exc:  # noqa: BLE001 - any build failure falls back, logged once
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            self._fail(f"ONNX Runtime failed ({type(exc).__name__}: {first_line})", "onnx")
+            self._fail(f"ONNX Runtime failed ({brief(exc)})", "onnx")
             return
         self._set("onnx", run_onnx)
         self.status = ""
@@ -370,13 +369,18 @@ class Encoder:
             if not diff <= PROBE_TOLERANCE:
                 raise RuntimeError(f"compiled encoder differs from float32 by {diff:.3g} on the probe input")
         except Exception as exc:  # noqa: BLE001 - any compile failure falls back, logged once
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            self._fail(f"torch.compile failed ({type(exc).__name__}: {first_line})", "compile")
+            self._fail(f"torch.compile failed ({brief(exc)})", "compile")
             return
         self.compile_seconds = time.perf_counter() - t0
         self.status = ""
         self._set("compile", run_compiled)
         logger.info("LiteMedSAM encoder compiled in %.1f s (max |diff| vs float32 %.2g)", self.compile_seconds, diff)
+
+
+def brief(exc: BaseException) -> str:
+    """``Type: first line of the message`` (compiler and runtime errors run to pages) for one-line logs."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def onnxruntime_available() -> bool:
