@@ -1,25 +1,35 @@
-"""LiteMedSAM's prompt encoder + mask decoder as one call, eager or compiled (``BoxDecoder``).
+"""LiteMedSAM's prompt encoder + mask decoder as one call: eager, ONNX Runtime or compiled (``BoxDecoder``).
 
 The decoder runs once per propagated slice and once (batched) per click, so after pre-encoding it
 is the whole interactive cost: ~35-50 ms per single-box call eager on a 2-core CPU, most of it
 elementwise work around the matmuls (residual adds, the embedding copies, softmax, layer norms)
-and Python dispatch, not FLOPs (~3.5 GFLOP per box, ~17 ms at this CPU's float32 matmul peak).
+and Python dispatch, not FLOPs (~3.6 GFLOP per box, ~17 ms at this CPU's float32 matmul peak).
 
-``BoxDecoder`` answers with the eager modules until :meth:`BoxDecoder.compile` (run by the image
-encoder's background compile thread, :meth:`models.encoders.Encoder.then`) has built and checked
-a ``torch.compile`` version; from then on the compiled one answers (~1.5x faster for one box,
-~2x for a batch of candidate boxes; figures: docs/benchmarks.md). The compiled graphs are:
-one box (propagation, box prompts), one box with the multimask outputs, and a batch of any size
-(click candidates; the batch dimension is dynamic, so no size triggers a new compile). Arithmetic
-stays float32 and the compiled result must agree with eager on a probe before it is used;
-any failure leaves eager answering, logged once.
+Implementations (all float32; each must agree with eager on a probe before it answers, and any
+failure leaves eager answering, logged once):
+
+* ``onnx`` (:meth:`BoxDecoder.use_onnx`; CPUs, chosen with the image encoder's ``onnx`` backend):
+  exported to ONNX in memory at load (one graph for the single-mask output, one for the multimask
+  outputs; the number of boxes is dynamic) and run by ONNX Runtime. ~20 ms per box, ready in
+  about a second. It also opens **lanes**: single-threaded sessions of the same graph, so the two
+  directions of a 3D propagation run side by side on two cores (:meth:`BoxDecoder.lane`): a
+  single box is too small a job to keep two threads busy, two chains of boxes are not.
+* ``compile`` (:meth:`BoxDecoder.compile`, run by the image encoder's background compile thread,
+  :meth:`models.encoders.Encoder.then`, when the encoder compiles): ``torch.compile`` graphs for
+  one box, one box with the multimask outputs and a batch of any size (dynamic), ~24 ms per box
+  after a ~40-50 s compile.
+* ``eager``: the modules as they are (CUDA, and the fallback).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from models.encoders import brief
@@ -29,8 +39,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 logger = logging.getLogger(__name__)
 
-#: Largest |difference| of the compiled decoder's logits from eager on the probe (logits are O(10)).
+#: Largest |difference| of the compiled / ONNX Runtime decoder's logits from eager on the probe (logits are O(10)).
 PROBE_TOLERANCE = 1e-3
+#: Single-threaded ONNX Runtime sessions opened for parallel propagation (one per direction).
+LANES = 2
 
 
 class BoxDecoder:
@@ -50,9 +62,11 @@ class BoxDecoder:
         self._pe: Any = None
         self._lock = threading.Lock()
         self._fn: Any = self._eager
-        #: ``eager`` or ``compile`` (the implementation answering now).
+        self._lane_fns: list[Any] = []
+        self._local = threading.local()
+        #: ``eager``, ``onnx`` or ``compile`` (the implementation answering now).
         self.backend = "eager"
-        #: Why the decoder is not compiled, when a compile was attempted and failed; else empty.
+        #: Why the decoder is not ``onnx`` / ``compile``, when one was attempted and failed; else empty.
         self.status = ""
         #: Seconds the compile took (None until one finished).
         self.compile_seconds: float | None = None
@@ -61,23 +75,47 @@ class BoxDecoder:
         """``embedding`` (1, 256, 64, 64) float32, ``boxes`` (N, 1, 4) float32 at the 256 scale."""
         import torch
 
+        lane = getattr(self._local, "lane", None)
         with self._lock:
             fn, name = self._fn, self.backend
+            if name == "onnx" and lane is not None and not multimask and lane < len(self._lane_fns):
+                fn = self._lane_fns[lane]
         with torch.inference_mode():
             pe = self.dense_pe()
             if name == "eager":
                 return fn(embedding, pe, boxes, multimask)
             try:
-                # the compiled graphs were built for inference tensors: never recompile for another kind
-                embedding, boxes = _inference(embedding), _inference(boxes)
-                if boxes.shape[0] > 1:
-                    torch._dynamo.mark_dynamic(boxes, 0)
+                if name == "compile":
+                    # the compiled graphs were built for inference tensors: never recompile for another kind
+                    embedding, boxes = _inference(embedding), _inference(boxes)
+                    if boxes.shape[0] > 1:
+                        torch._dynamo.mark_dynamic(boxes, 0)
                 return fn(embedding, pe, boxes, multimask)
             except torch.OutOfMemoryError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a failing compiled graph falls back, logged once
-                self._fallback(f"compiled decoder failed on {boxes.shape[0]} box(es) ({type(exc).__name__}: {exc})")
+            except Exception as exc:  # noqa: BLE001 - a failing backend falls back, logged once
+                self._fallback(f"{name} decoder failed on {boxes.shape[0]} box(es) ({type(exc).__name__}: {exc})")
                 return self._eager(embedding, pe, boxes, multimask)
+
+    @property
+    def lanes(self) -> int:
+        """How many single-threaded lanes can decode side by side (0: run one call at a time)."""
+        with self._lock:
+            return len(self._lane_fns) if self.backend == "onnx" else 0
+
+    @contextmanager
+    def lane(self, index: int | None) -> Iterator[None]:
+        """Single-box calls from this thread use lane ``index`` (a single-threaded session) meanwhile.
+
+        ``None`` (or a backend without lanes) uses the ordinary implementation. Results are the same
+        either way (the same float32 graph); only the number of threads per call differs.
+        """
+        before = getattr(self._local, "lane", None)
+        self._local.lane = index
+        try:
+            yield
+        finally:
+            self._local.lane = before
 
     def dense_pe(self) -> Any:
         """Positional encoding of the 64 x 64 embedding grid (a constant, computed once)."""
@@ -87,6 +125,69 @@ class BoxDecoder:
             with torch.inference_mode():
                 self._pe = self._net.prompt_encoder.get_dense_pe()
         return self._pe
+
+    def use_onnx(self, threads: int | None = None) -> bool:
+        """Export the decoder to ONNX and answer with ONNX Runtime (CPU, float32); True when it answers.
+
+        Two graphs (single-mask and multimask outputs, any number of boxes), run with ``threads``
+        intra-op threads (default: torch's), plus :data:`LANES` single-threaded sessions of the
+        single-mask graph for parallel propagation. Checked against eager on the probe (one box,
+        one box with the multimask outputs, a batch) before it answers; on any failure eager keeps
+        answering and the reason is logged once (:attr:`status`).
+        """
+        import torch
+
+        t0 = time.perf_counter()
+        try:
+            import numpy as np
+            import onnxruntime as ort
+
+            graphs = {multimask: export_onnx(self._net, self.dense_pe(), multimask) for multimask in (False, True)}
+
+            def session(graph: bytes, n_threads: int) -> Any:
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = n_threads
+                so.inter_op_num_threads = 1
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                # idle workers must not spin between calls: the next call (or torch) needs the cores
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
+            def runner(sessions: dict[bool, Any]) -> Any:
+                def run(embedding: torch.Tensor, _pe: torch.Tensor, boxes: torch.Tensor,
+                        multimask: bool) -> tuple[Any, Any]:
+                    feed = {"embedding": np.ascontiguousarray(embedding.detach().cpu().numpy(), dtype=np.float32),
+                            "boxes": np.ascontiguousarray(boxes.detach().cpu().numpy(), dtype=np.float32)}
+                    masks, iou = sessions[multimask].run(None, feed)
+                    return torch.from_numpy(masks), torch.from_numpy(iou)
+
+                return run
+
+            n_threads = threads or torch.get_num_threads()
+            main = runner({m: session(g, n_threads) for m, g in graphs.items()})
+            lanes = []
+            for _ in range(LANES if n_threads > 1 else 0):
+                single = session(graphs[False], 1)
+                lanes.append(runner({False: single, True: single}))  # multimask never goes to a lane
+            worst = 0.0
+            with torch.inference_mode():
+                pe = self.dense_pe()
+                for n, multimask in ((1, False), (1, True), (3, False), (3, True)):
+                    emb, boxes = _probe(self._device, n)
+                    want = self._eager(emb, pe, boxes, multimask)
+                    for fn in [main, *lanes[:1]] if not multimask else [main]:
+                        for g, w in zip(fn(emb, pe, boxes, multimask), want):
+                            worst = max(worst, float((g - w).abs().max()))
+            if not worst <= PROBE_TOLERANCE:
+                raise RuntimeError(f"the ONNX Runtime decoder differs from eager by {worst:.3g} on the probe")
+        except Exception as exc:  # noqa: BLE001 - any build failure leaves eager answering, logged once
+            self._fallback(f"ONNX Runtime failed ({brief(exc)})")
+            return False
+        with self._lock:
+            self._fn, self._lane_fns, self.backend, self.status = main, lanes, "onnx", ""
+        logger.info("LiteMedSAM mask decoder on ONNX Runtime %s in %.1f s (%d lanes; max |diff| vs eager %.2g)",
+                    ort.__version__, time.perf_counter() - t0, len(lanes), worst)
+        return True
 
     def compile(self) -> None:
         """Build, warm and check the compiled decoder; switch to it when it agrees with eager.
@@ -132,36 +233,67 @@ class BoxDecoder:
         sum are computed once instead of N times (~20 % of a batch of click candidates). Everything
         after is the same per box, as upstream; a single box runs exactly upstream's operations.
         """
-        import torch
-
-        net = self._net
-        md = net.mask_decoder
-        sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
-        n = sparse.shape[0]
-        output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
-        # without a mask prompt the dense embedding is the same learned vector for every box
-        src = embedding + dense[:1]
-        b, c, h, w = src.shape
-        hs, keys = md.transformer(src, pe, tokens)  # keys: (N, h*w, c) after the first block
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : (1 + md.num_mask_tokens), :]
-        upscaled = md.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
-        hyper_in = torch.stack(
-            [md.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(md.num_mask_tokens)], dim=1
-        )
-        _, uc, uh, uw = upscaled.shape
-        masks = (hyper_in @ upscaled.view(n, uc, uh * uw)).view(n, -1, uh, uw)
-        iou_pred = md.iou_prediction_head(iou_token_out)
-        chosen = slice(1, None) if multimask else slice(0, 1)
-        return masks[:, chosen, :, :], iou_pred[:, chosen]
+        return decode_boxes(self._net, embedding, pe, boxes, multimask)
 
     def _fallback(self, why: str) -> None:
         with self._lock:
             first = not self.status
-            self._fn, self.backend, self.status = self._eager, "eager", why
+            self._fn, self._lane_fns, self.backend, self.status = self._eager, [], "eager", why
         if first:
             logger.warning("LiteMedSAM mask decoder: %s; the eager decoder answers", why)
+
+
+def decode_boxes(net: Any, embedding: torch.Tensor, pe: torch.Tensor, boxes: torch.Tensor,
+                 multimask: bool) -> tuple[Any, Any]:
+    """Prompt encoder + mask decoder of ``net`` for N boxes on one embedding (see :meth:`BoxDecoder._eager`)."""
+    import torch
+
+    md = net.mask_decoder
+    sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
+    n = sparse.shape[0]
+    output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
+    # without a mask prompt the dense embedding is the same learned vector for every box
+    src = embedding + dense[:1]
+    b, c, h, w = src.shape
+    hs, keys = md.transformer(src, pe, tokens)  # keys: (N, h*w, c) after the first block
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : (1 + md.num_mask_tokens), :]
+    upscaled = md.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))
+    hyper_in = torch.stack(
+        [md.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(md.num_mask_tokens)], dim=1
+    )
+    _, uc, uh, uw = upscaled.shape
+    masks = (hyper_in @ upscaled.view(n, uc, uh * uw)).view(n, -1, uh, uw)
+    iou_pred = md.iou_prediction_head(iou_token_out)
+    chosen = slice(1, None) if multimask else slice(0, 1)
+    return masks[:, chosen, :, :], iou_pred[:, chosen]
+
+
+def export_onnx(net: Any, pe: torch.Tensor, multimask: bool) -> bytes:
+    """:func:`decode_boxes` for a fixed ``multimask`` as an ONNX model (in memory), inputs ``embedding``
+    (1, 256, 64, 64) and ``boxes`` (N, 1, 4), outputs ``masks`` and ``iou``; N is dynamic."""
+    import torch
+
+    class Graph(torch.nn.Module):  # eval() before the export: the exporter restores the wrapper's mode
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("pe", pe.clone())
+
+        def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[Any, Any]:
+            return decode_boxes(self.net, embedding, self.pe, boxes, multimask)
+
+    example = (torch.zeros(1, 256, 64, 64), torch.tensor([[[10.0, 10.0, 100.0, 100.0]]]))
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # the TorchScript-based exporter warns about its deprecation and about Python scalars in the
+        # trace (head sizes); the graph is checked against eager before it is used
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Graph().eval(), example, buf, dynamo=False, opset_version=17,
+                          input_names=["embedding", "boxes"], output_names=["masks", "iou"],
+                          dynamic_axes={"boxes": {0: "n"}, "masks": {0: "n"}, "iou": {0: "n"}})
+    return buf.getvalue()
 
 
 def _inference(x: torch.Tensor) -> torch.Tensor:

@@ -26,15 +26,15 @@ Backends (figures: docs/models.md, ``benchmarks/encoder``):
 ``onnx``
     ``fused`` exported to ONNX in memory (~2 s) and run by ONNX Runtime's CPU provider, float32 and exact
     (~3e-6); checked against ``fused`` on a probe input. On a 2-core CPU ~360 ms per slice against
-    ~510 ms compiled and ~600 ms fused (the float32 FLOP floor), with nothing to compile.
+    ~510 ms compiled and ~600 ms fused (the float32 FLOP floor), with nothing to compile. LiteMedSAM
+    then runs its mask decoder on ONNX Runtime too (:meth:`models.decoders.BoxDecoder.use_onnx`).
 ``bf16``
     The whole encoder cast to bfloat16, channels-last (fastest on CPUs with AVX512-BF16/AMX, but
     masks differ from float32 on real images: Dice 0.93-0.98 on some boxes; opt-in).
 ``auto``
     ``onnx`` on a CPU when ONNX Runtime is installed; else ``compile`` on a CPU in a long-running
     node (``ainode serve`` calls :func:`enable_background_compile`) when a cache folder is known, and
-    ``fused`` otherwise (one-shot CLI commands, embedded use, CUDA). With ``onnx`` in a long-running
-    node, the background thread only runs what :meth:`Encoder.then` registered (the decoder's compile).
+    ``fused`` otherwise (one-shot CLI commands, embedded use, CUDA).
 
 A backend that fails to build or to run falls back to ``fused`` and then to ``eager``, logged once
 (``encoder.backend`` then names the backend actually running).
@@ -191,11 +191,6 @@ class Encoder:
             self._set("bf16", run_bf16)
         elif backend == "onnx":
             self._build_onnx()
-            if (background and _background_compile and self._device.type == "cpu" and self._cache_dir is not None
-                    and self.backend == "onnx"):
-                # nothing to compile for the encoder; the thread runs what then() registers (the decoder's compile)
-                self._thread = threading.Thread(target=self._run_then, name="decoder-compile", daemon=True)
-                _compile_threads.append(self._thread)
         elif backend == "compile":
             if background:
                 self.status = "compile starts with the first encode"
@@ -329,12 +324,6 @@ class Encoder:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
 
     def _run_then(self) -> None:
-        if self.requested != "compile":
-            try:
-                self._use_inductor_cache()
-            except OSError as exc:
-                logger.warning("LiteMedSAM: the compile cache folder is unusable (%s); nothing is compiled", exc)
-                return
         for fn in self._then:
             try:
                 fn()

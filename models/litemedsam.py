@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -215,6 +216,8 @@ class LiteMedSAM:
         #: Arithmetic the image encoder runs in (``float32`` or ``bfloat16``).
         self.encoder_precision = str(self._encoder_dtype).removeprefix("torch.")
         self._cache: OrderedDict[bytes, _Embedding] = OrderedDict()
+        #: Guards the caches, the decode memo and the counters while propagation chains run side by side.
+        self._state = threading.RLock()
         self.weights_sha = weights_sha
         #: Embeddings on disk (reused across restarts), or None.
         self.disk_cache: DiskEmbeddingCache | None = self._open_disk_cache(cache_dir)
@@ -223,10 +226,14 @@ class LiteMedSAM:
         self._memo_bytes = 0
         #: Byte limit of that memo (0 disables it).
         self.decode_memo_bytes = DECODE_MEMO_BYTES
-        #: Prompt encoder + mask decoder (:class:`models.decoders.BoxDecoder`); compiled after the
-        #: image encoder when the encoder compiles in the background.
+        #: Prompt encoder + mask decoder (:class:`models.decoders.BoxDecoder`): on ONNX Runtime with
+        #: the ``onnx`` image encoder, compiled after the image encoder when that compiles in the
+        #: background, else eager.
         self._decoder = BoxDecoder(self._net, self._device)
-        self._encoder.then(self._decoder.compile)
+        if self._encoder.requested == "onnx":
+            self._decoder.use_onnx()
+        else:
+            self._encoder.then(self._decoder.compile)
         #: Counters for diagnostics and tests (image encoder / mask decoder forward passes).
         self.encoder_calls = 0
         self.decoder_calls = 0
@@ -307,20 +314,33 @@ class LiteMedSAM:
                     tick()
                 if mode == "3d":
                     seed_set = set(seeds)
-                    for k in seeds:
-                        for step in (-1, 1):
-                            prev = seed_results[k]
-                            j = k + step
-                            while 0 <= j < n_slices and j not in seed_set and prev.mask.any():
+
+                    def chain(k: int, step: int, lane: Callable[[], int | None] | None = None) -> None:
+                        """Propagate from seed ``k`` in direction ``step`` (chains are independent)."""
+                        nonlocal total
+                        prev = seed_results[k]
+                        j = k + step
+                        while 0 <= j < n_slices and j not in seed_set and prev.mask.any():
+                            with self._state:
                                 total += 1
+                            with self._decoder.lane(lane() if lane is not None else None):
                                 res = self._propagate_slice(job, j, prev, prompts.on_slice(j))
-                                tick()
-                                if res is None:
-                                    break
-                                out[j] |= res.mask
-                                scores[j] = max(scores.get(j, 0.0), res.score)
-                                prev = res
-                                j += step
+                            with self._state:
+                                tick()  # may raise (a cancelled job)
+                                if res is not None:
+                                    out[j] |= res.mask
+                                    scores[j] = max(scores.get(j, 0.0), res.score)
+                            if res is None:
+                                break
+                            prev = res
+                            j += step
+
+                    chains = [(k, step) for k in seeds for step in (-1, 1)]
+                    if self._decoder.lanes >= 2 and len(chains) > 1:
+                        _run_chains(chains, chain, self._decoder.lanes)
+                    else:
+                        for k, step in chains:
+                            chain(k, step)
         except torch.OutOfMemoryError as exc:  # pragma: no cover - GPU only
             raise ModelError(f"LiteMedSAM ran out of memory on {self.device}: {exc}") from exc
         if progress is not None and done != total:  # pragma: no cover - defensive
@@ -437,8 +457,10 @@ class LiteMedSAM:
     def backends(self) -> dict[str, str]:
         """What runs the image encoder and the mask decoder now, and why when it is not what was asked.
 
-        E.g. ``{"encoder": "onnx", "decoder": "eager"}`` while ``ainode serve`` compiles the decoder in
-        the background, ``{"encoder": "onnx", "decoder": "compile"}`` after it.
+        E.g. ``{"encoder": "onnx", "decoder": "onnx"}`` (the default on a CPU with ONNX Runtime); with
+        ``encoder_backend = "compile"`` under ``ainode serve``, ``{"encoder": "fused (compile: compiling)",
+        "decoder": "eager"}`` while the background thread compiles, ``{"encoder": "compile", "decoder":
+        "compile"}`` after it.
         """
         decoder = self._decoder.backend
         if self._decoder.status:
@@ -495,6 +517,10 @@ class LiteMedSAM:
             self.disk_cache.put(group, entry.key, entry.tensor[0].cpu().numpy(), entry.new_hw, entry.scale)
 
     def _embedding(self, job: _Job, k: int) -> _Embedding:
+        with self._state:  # one encode at a time; the other propagation chain keeps decoding meanwhile
+            return self._embedding_unlocked(job, k)
+
+    def _embedding_unlocked(self, job: _Job, k: int) -> _Embedding:
         sl = job.slice_u8(k)
         key = _slice_digest(sl)
         hit = self._cache.get(key)
@@ -565,33 +591,40 @@ class LiteMedSAM:
                 d.update(tail)
                 keys.append(d.digest())
         found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for i, key in enumerate(keys):
-            hit = self._memo.get(key)
+        with self._state:
+            hits = {i: self._memo.get(key) for i, key in enumerate(keys)}
+            for i, key in enumerate(keys):
+                if hits[i] is not None:
+                    self._memo.move_to_end(key)
+        for i, hit in hits.items():
             if hit is not None:
-                self._memo.move_to_end(key)
                 packed, mshape, iou_i = hit
                 found[i] = (np.unpackbits(packed, count=int(np.prod(mshape))).view(bool).reshape(mshape), iou_i)
         todo = [i for i in range(n) if i not in found]
         if todo:
             masks_new, iou_new = self._run_decoder(emb, boxes[todo], shape, multimask)
-            job.stats.decoded += 1
+            memo = keys and self.decode_memo_bytes > 0
+            new_entries = [(keys[i], np.packbits(masks_new[j], axis=None), masks_new[j].shape, iou_new[j].copy())
+                           for j, i in enumerate(todo)] if memo else []
             for j, i in enumerate(todo):
                 found[i] = (masks_new[j], iou_new[j])
-                if keys and self.decode_memo_bytes > 0:
-                    packed = np.packbits(masks_new[j], axis=None)
-                    self._memo[keys[i]] = (packed, masks_new[j].shape, iou_new[j].copy())
+            with self._state:
+                job.stats.decoded += 1
+                for key, packed, mshape, iou_i in new_entries:
+                    self._memo[key] = (packed, mshape, iou_i)
                     self._memo_bytes += packed.nbytes
-            while self._memo_bytes > self.decode_memo_bytes and self._memo:
-                _, (old, _, _) = self._memo.popitem(last=False)
-                self._memo_bytes -= old.nbytes
-        if len(todo) < n:
-            job.stats.memo += n - len(todo)
+                while self._memo_bytes > self.decode_memo_bytes and self._memo:
+                    _, (old, _, _) = self._memo.popitem(last=False)
+                    self._memo_bytes -= old.nbytes
         if todo and len(todo) == n:
             masks, iou = masks_new, iou_new
         else:
             masks = np.stack([found[i][0] for i in range(n)])
             iou = np.stack([found[i][1] for i in range(n)])
-        job.stats.decode += time.perf_counter() - t0
+        with self._state:
+            if len(todo) < n:
+                job.stats.memo += n - len(todo)
+            job.stats.decode += time.perf_counter() - t0
         return masks, iou
 
     def _run_decoder(
@@ -606,7 +639,8 @@ class LiteMedSAM:
         logits, iou = self._decoder(emb.tensor.float(), box256, multimask)
         nh, nw = emb.new_hw
         logits = F.interpolate(logits[..., :nh, :nw], size=shape, mode="bilinear", align_corners=False)
-        self.decoder_calls += 1
+        with self._state:
+            self.decoder_calls += 1
         return (logits > 0).cpu().numpy(), iou.float().cpu().numpy()
 
     # ------------------------------------------------------------------ per-slice logic
@@ -817,6 +851,68 @@ class LiteMedSAM:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _run_chains(
+    chains: list[tuple[int, int]], run: Callable[..., None], lanes: int
+) -> None:
+    """Run propagation chains on ``lanes`` threads, one single-threaded decoder lane each.
+
+    While two or more chains run, each thread's decoder calls go to its own lane (a single-threaded
+    ONNX Runtime session: a single box is too small to keep two threads busy, two chains are not);
+    the last chain running uses the ordinary multi-threaded session again. The chains are
+    independent (each starts from its seed's result and stops at other seeds), and results are
+    united with ``|`` and ``max``, so the outcome does not depend on the order. The first error
+    (e.g. a cancelled job) stops the other threads at their next slice and is raised here.
+    """
+    import torch
+
+    pending = list(chains)
+    lock = threading.Lock()
+    active = 0
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        nonlocal active
+
+        def lane() -> int | None:
+            with lock:
+                if errors:
+                    raise _ChainStopped()
+                return index if active > 1 else None
+
+        with torch.inference_mode():
+            while True:
+                with lock:
+                    if errors or not pending:
+                        return
+                    k, step = pending.pop(0)
+                    active += 1
+                try:
+                    run(k, step, lane)
+                except _ChainStopped:
+                    return
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    with lock:
+                        errors.append(exc)
+                    return
+                finally:
+                    with lock:
+                        active -= 1
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"propagate-{i}", daemon=True)
+               for i in range(min(lanes, len(chains)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+class _ChainStopped(Exception):
+    """Another propagation chain failed: this one stops at its next slice."""
+
 
 
 def _check_settings(s: LiteMedSAMSettings) -> None:

@@ -262,7 +262,7 @@ class InferenceQueue:
 
     def warm_up(self) -> Future[None]:
         """Load the model on the worker thread now (instead of at the first request) and start its
-        background work (LiteMedSAM: the encoder/decoder compile under ``ainode serve``)."""
+        background work (LiteMedSAM: the encoder/decoder compile under ``ainode serve`` with ``encoder_backend = "compile"``)."""
 
         def warm(seg: Segmenter, ctx: JobContext) -> None:
             start = getattr(seg, "warm_up", None)

@@ -126,31 +126,55 @@ def test_a_failing_compiled_decoder_falls_back_to_eager_once(litemedsam, phantom
     assert len(warnings) == 1
 
 
-def test_one_shot_models_never_compile_the_decoder(litemedsam) -> None:
-    """Without a background compile (CLI, embedded use, the test suite's `fused`) the decoder stays eager."""
+def test_the_default_model_decodes_on_onnx_runtime_and_never_compiles(litemedsam) -> None:
+    """``auto`` on a CPU: the image encoder and the mask decoder on ONNX Runtime, with two lanes, no compile thread."""
     assert litemedsam._encoder.then(lambda: None) is False
-    assert litemedsam._decoder.backend == "eager" and litemedsam._decoder.status == ""
-    assert litemedsam.backends() == {"encoder": "onnx", "decoder": "eager"}  # auto on a CPU: ONNX Runtime
+    assert litemedsam._decoder.backend == "onnx" and litemedsam._decoder.status == ""
+    assert litemedsam._decoder.lanes == 2
+    assert litemedsam.backends() == {"encoder": "onnx", "decoder": "onnx"}
 
 
-def test_sharing_the_image_side_across_boxes_gives_upstreams_results(litemedsam, phantom) -> None:
-    """BoxDecoder feeds the embedding once instead of repeat_interleave'ing it per box: same numbers as
-    upstream's MaskDecoder for one box, a batch of candidates and the multimask outputs, on real slices."""
-    dec = BoxDecoder(litemedsam._net, torch.device("cpu"))
-    net = litemedsam._net
-    checked = 0
+def test_onnx_runtime_decoder_and_its_lanes_match_eager(litemedsam, phantom) -> None:
+    """One box, batches of candidates and the multimask outputs, on phantom and real CT / MR slices; every lane."""
+    dec = litemedsam._decoder
+    assert dec.backend == "onnx"
+    eager = BoxDecoder(litemedsam._net, torch.device("cpu"))
+    n_masks = 0
     for name, sl, boxes in _slices(phantom):
-        emb, _, s = _embed(litemedsam, sl)
+        emb, hw, s = _embed(litemedsam, sl)
         b256 = torch.from_numpy(boxes * np.float32(s)).reshape(-1, 1, 4)
-        with torch.inference_mode():
-            pe = dec.dense_pe()
-            for batch, multimask in ((b256[:1], False), (b256[:1], True), (b256, False), (b256, True)):
-                got = dec(emb, batch, multimask)
-                sparse, dense = net.prompt_encoder(points=None, boxes=batch, masks=None)
-                want = net.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
-                                        dense_prompt_embeddings=dense, multimask_output=multimask)
-                assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
-                assert float((got[0] - want[0]).abs().max()) <= 1e-4, name
-                assert float((got[1] - want[1]).abs().max()) <= 1e-5, name
-                checked += 1
-    assert checked == 12
+        calls = [(b256[i : i + 1], False) for i in range(len(b256))] + [(b256, False), (b256[:1], True)]
+        calls.append((torch.cat([b256, b256 + 3.0, b256 - 2.0]), False))  # a bigger candidate batch
+        for boxes_in, multimask in calls:
+            want_l, want_iou = eager(emb, boxes_in, multimask)
+            for lane in (None, 0, 1):
+                with dec.lane(lane):
+                    got_l, got_iou = dec(emb, boxes_in, multimask)
+                assert got_l.shape == want_l.shape and got_iou.shape == want_iou.shape
+                assert float((got_l - want_l).abs().max()) < 1e-3, name
+                assert float((got_iou - want_iou).abs().max()) < 1e-4, name
+                got, want = _masks(got_l, hw, sl.shape), _masks(want_l, hw, sl.shape)
+                for g, w in zip(got.reshape(-1, *sl.shape), want.reshape(-1, *sl.shape)):
+                    n_masks += 1
+                    assert dice(g, w) >= 0.999 if w.any() else not g.any(), name
+    assert n_masks >= 120
+    assert dec.backend == "onnx"  # no call fell back
+
+
+def test_an_onnx_runtime_decoder_that_cannot_be_built_leaves_eager_answering(litemedsam, monkeypatch, caplog) -> None:
+    from models import decoders
+
+    def broken(*_a, **_k):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(decoders, "export_onnx", broken)
+    dec = BoxDecoder(litemedsam._net, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="models.decoders"):
+        assert dec.use_onnx() is False
+    assert dec.backend == "eager" and dec.lanes == 0 and "exporter exploded" in dec.status
+    assert [r for r in caplog.records if "mask decoder" in r.getMessage()]
+    emb = torch.randn(1, 256, 64, 64)
+    with dec.lane(1):  # no lanes: the ordinary (eager) call
+        got = dec(emb, torch.tensor([[[40.0, 40.0, 120.0, 140.0]]]), False)
+    assert got[0].shape == (1, 1, 256, 256)
+    assert not litemedsam._net.training  # the export left the network in eval mode

@@ -119,27 +119,25 @@ def test_batches_of_slices_equal_single_slices(net) -> None:
     assert float((batch - single).abs().max()) < 1e-3
 
 
-def test_auto_picks_onnx_runtime_on_a_cpu_and_the_decoder_compiles_only_in_a_long_running_node(net, tmp_path) -> None:
+def test_auto_picks_onnx_runtime_on_a_cpu_and_nothing_compiles_in_the_background(net, tmp_path) -> None:
     from models import encoders
 
     assert encoders.onnxruntime_available()  # a runtime dependency (requirements/runtime.txt)
     one_shot = Encoder(net.image_encoder, "auto", torch.device("cpu"), cache_dir=tmp_path)
     assert (one_shot.requested, one_shot.backend, one_shot.status) == ("onnx", "onnx", "")
-    # one-shot commands (ainode segment, embedded use) never start a compile thread
-    assert one_shot.then(lambda: None) is False
+    assert one_shot.then(lambda: None) is False  # one-shot commands never start a compile thread
     encoders.enable_background_compile()  # what `ainode serve` does
     try:
         served = Encoder(net.image_encoder, "auto", torch.device("cpu"), cache_dir=tmp_path)
-        no_folder = Encoder(net.image_encoder, "auto", torch.device("cpu"))
+        compiling = Encoder(net.image_encoder, "compile", torch.device("cpu"), cache_dir=tmp_path)
     finally:
         encoders.enable_background_compile(False)
+    # ONNX Runtime needs no compile, under serve either (LiteMedSAM's decoder runs on ONNX Runtime too)
     assert served.backend == "onnx" and served.describe() == "onnx"
-    ran: list[str] = []
-    assert served.then(lambda: ran.append("decoder")) is True  # the decoder's compile, in the background
-    served.start()
-    assert served.wait_ready(timeout=60) and ran == ["decoder"]
-    assert (tmp_path / "inductor").is_dir()  # where the decoder's Inductor cache goes
-    assert no_folder.then(lambda: None) is False  # no cache folder: nothing compiles
+    assert served.then(lambda: None) is False
+    assert not (tmp_path / "inductor").exists()
+    # with the compiled encoder, the thread runs what then() registered (the decoder's compile) afterwards
+    assert compiling.then(lambda: None) is True
 
 
 def test_onnx_backend_matches_eager_float32(net, cases) -> None:
