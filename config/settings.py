@@ -54,7 +54,7 @@ class ModelSettings:
     device: str = "auto"
     #: Torch intra-op threads on CPU; 0 keeps torch's default (one per core).
     threads: int = 0
-    #: Load the default model when ``ainode serve`` starts (in the background, with its background compile),
+    #: Load the default model when ``ainode serve`` starts (in the background, with any background compile),
     #: so the first request waits for neither; false: load it on first use.
     load_at_start: bool = True
 
@@ -91,9 +91,9 @@ class LiteMedSAMSettings:
     #: Image-encoder arithmetic: ``fp32`` (reference) or ``bf16`` (opt-in: ~3-4x faster on CPUs with
     #: native bf16, but masks differ from fp32 on ambiguous boxes; see docs/models.md).
     encoder_precision: str = "fp32"
-    #: How the float32 encoder runs: ``auto`` (``onnx`` on a CPU, ``fused`` on CUDA; under ``ainode serve`` the
-    #: mask decoder is compiled in the background), ``onnx`` (ONNX Runtime; exact), ``compile`` (torch.compile of
-    #: the encoder and then the mask decoder, built in the background; exact), ``fused`` (conv+BN folded, exact) or
+    #: How the float32 encoder runs: ``auto`` (``onnx`` on a CPU, ``fused`` on CUDA), ``onnx`` (ONNX Runtime for
+    #: the encoder and the mask decoder; exact), ``compile`` (torch.compile of the encoder and then the mask
+    #: decoder, built in the background under ``ainode serve``; exact), ``fused`` (conv+BN folded, exact) or
     #: ``eager`` (as shipped); a backend that fails falls back to ``fused``/``eager`` (docs/models.md).
     encoder_backend: str = "auto"
     #: Folder for the compiled encoder (Inductor cache); empty = ``<data_dir>/encoder-cache`` under the node.
