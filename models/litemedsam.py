@@ -31,6 +31,9 @@ Design (see also the README section of the model layer):
   resolution independent; upstream uses 3). It stops when the predicted IoU < ``stop_iou``, the
   mask's Dice with the previous slice's mask < ``stop_overlap``, the mask is empty, the volume ends,
   or a slice carrying its own positive prompt is reached. Results of all prompted slices are united.
+  The chains (each prompted slice, up and down) are independent, so with the ONNX Runtime decoder
+  they run side by side on two threads, one single-threaded decoder lane each (same masks as one
+  after the other; :func:`_run_chains`).
 """
 
 from __future__ import annotations
@@ -611,6 +614,9 @@ class LiteMedSAM:
             with self._state:
                 job.stats.decoded += 1
                 for key, packed, mshape, iou_i in new_entries:
+                    replaced = self._memo.pop(key, None)  # decoded meanwhile by another chain
+                    if replaced is not None:
+                        self._memo_bytes -= replaced[0].nbytes
                     self._memo[key] = (packed, mshape, iou_i)
                     self._memo_bytes += packed.nbytes
                 while self._memo_bytes > self.decode_memo_bytes and self._memo:

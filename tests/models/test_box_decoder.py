@@ -55,6 +55,30 @@ def _masks(logits: torch.Tensor, hw: tuple[int, int], shape: tuple[int, int]) ->
     return (up > 0).numpy()
 
 
+def _compare_with_eager(model: LiteMedSAM, decoders: list, phantom) -> int:
+    """Every decoder call of ``decoders`` against eager: logits, IoU and masks, for one box, the case's boxes as a
+    batch, the multimask outputs and a bigger candidate batch on each of :func:`_slices`. Returns the masks compared."""
+    eager = BoxDecoder(model._net, torch.device("cpu"))
+    n_masks = 0
+    for name, sl, boxes in _slices(phantom):
+        emb, hw, s = _embed(model, sl)
+        b256 = torch.from_numpy(boxes * np.float32(s)).reshape(-1, 1, 4)
+        calls = [(b256[i : i + 1], False) for i in range(len(b256))] + [(b256, False), (b256[:1], True)]
+        calls.append((torch.cat([b256, b256 + 3.0, b256 - 2.0]), False))  # a bigger candidate batch
+        for boxes_in, multimask in calls:
+            want_l, want_iou = eager(emb, boxes_in, multimask)
+            for decode in decoders:
+                got_l, got_iou = decode(emb, boxes_in, multimask)
+                assert got_l.shape == want_l.shape and got_iou.shape == want_iou.shape
+                assert float((got_l - want_l).abs().max()) < 1e-3, name
+                assert float((got_iou - want_iou).abs().max()) < 1e-4, name
+                got, want = _masks(got_l, hw, sl.shape), _masks(want_l, hw, sl.shape)
+                for g, w in zip(got.reshape(-1, *sl.shape), want.reshape(-1, *sl.shape)):
+                    n_masks += 1
+                    assert dice(g, w) >= 0.999 if w.any() else not g.any(), name
+    return n_masks
+
+
 @pytest.mark.slow
 def test_the_background_compile_builds_a_decoder_that_matches_eager(phantom, compile_cache_dir, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="models.decoders"):
@@ -74,24 +98,7 @@ def test_the_background_compile_builds_a_decoder_that_matches_eager(phantom, com
     assert model.backends() == {"encoder": "compile", "decoder": "compile"}
     assert any("mask decoder compiled" in r.getMessage() for r in caplog.records)
 
-    eager = BoxDecoder(model._net, torch.device("cpu"))
-    n_masks = 0
-    for name, sl, boxes in _slices(phantom):
-        emb, hw, s = _embed(model, sl)
-        b256 = torch.from_numpy(boxes * np.float32(s)).reshape(-1, 1, 4)
-        calls = [(b256[i : i + 1], False) for i in range(len(b256))] + [(b256, False), (b256[:1], True)]
-        calls.append((torch.cat([b256, b256 + 3.0, b256 - 2.0]), False))  # a bigger candidate batch
-        for boxes_in, multimask in calls:
-            got_l, got_iou = model._decoder(emb, boxes_in, multimask)
-            want_l, want_iou = eager(emb, boxes_in, multimask)
-            assert got_l.shape == want_l.shape and got_iou.shape == want_iou.shape
-            assert float((got_l - want_l).abs().max()) < 1e-3, name
-            assert float((got_iou - want_iou).abs().max()) < 1e-4, name
-            got, want = _masks(got_l, hw, sl.shape), _masks(want_l, hw, sl.shape)
-            for g, w in zip(got.reshape(-1, *sl.shape), want.reshape(-1, *sl.shape)):
-                n_masks += 1
-                assert dice(g, w) >= 0.999 if w.any() else not g.any(), name
-    assert n_masks >= 40
+    assert _compare_with_eager(model, [model._decoder], phantom) >= 40
     assert model._decoder.backend == "compile"  # no call fell back
 
     model.clear_cache()
@@ -138,26 +145,14 @@ def test_onnx_runtime_decoder_and_its_lanes_match_eager(litemedsam, phantom) -> 
     """One box, batches of candidates and the multimask outputs, on phantom and real CT / MR slices; every lane."""
     dec = litemedsam._decoder
     assert dec.backend == "onnx"
-    eager = BoxDecoder(litemedsam._net, torch.device("cpu"))
-    n_masks = 0
-    for name, sl, boxes in _slices(phantom):
-        emb, hw, s = _embed(litemedsam, sl)
-        b256 = torch.from_numpy(boxes * np.float32(s)).reshape(-1, 1, 4)
-        calls = [(b256[i : i + 1], False) for i in range(len(b256))] + [(b256, False), (b256[:1], True)]
-        calls.append((torch.cat([b256, b256 + 3.0, b256 - 2.0]), False))  # a bigger candidate batch
-        for boxes_in, multimask in calls:
-            want_l, want_iou = eager(emb, boxes_in, multimask)
-            for lane in (None, 0, 1):
-                with dec.lane(lane):
-                    got_l, got_iou = dec(emb, boxes_in, multimask)
-                assert got_l.shape == want_l.shape and got_iou.shape == want_iou.shape
-                assert float((got_l - want_l).abs().max()) < 1e-3, name
-                assert float((got_iou - want_iou).abs().max()) < 1e-4, name
-                got, want = _masks(got_l, hw, sl.shape), _masks(want_l, hw, sl.shape)
-                for g, w in zip(got.reshape(-1, *sl.shape), want.reshape(-1, *sl.shape)):
-                    n_masks += 1
-                    assert dice(g, w) >= 0.999 if w.any() else not g.any(), name
-    assert n_masks >= 120
+
+    def on_lane(i):
+        def run(*args):
+            with dec.lane(i):
+                return dec(*args)
+        return run
+
+    assert _compare_with_eager(litemedsam, [dec, on_lane(0), on_lane(1)], phantom) >= 120
     assert dec.backend == "onnx"  # no call fell back
 
 
