@@ -11,7 +11,8 @@ failure leaves eager answering, logged once):
 * ``onnx`` (:meth:`BoxDecoder.use_onnx`; CPUs, chosen with the image encoder's ``onnx`` backend):
   exported to ONNX in memory at load (one graph for the single-mask output, one for the multimask
   outputs; the number of boxes is dynamic) and run by ONNX Runtime. ~20 ms per box, ready in
-  about a second. It also opens **lanes**: single-threaded sessions of the same graph, so the two
+  about a second. It also opens **lanes**: sessions of the same graph with half the threads each
+  (single-threaded on a 2-core CPU), so the two
   directions of a 3D propagation run side by side on two cores (:meth:`BoxDecoder.lane`): a
   single box is too small a job to keep two threads busy, two chains of boxes are not.
 * ``compile`` (:meth:`BoxDecoder.compile`, run by the image encoder's background compile thread,
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 #: Largest |difference| of the compiled / ONNX Runtime decoder's logits from eager on the probe (logits are O(10)).
 PROBE_TOLERANCE = 1e-3
-#: Single-threaded ONNX Runtime sessions opened for parallel propagation (one per direction).
+#: ONNX Runtime sessions opened for parallel propagation (one per direction), each with this share of the threads.
 LANES = 2
 
 
@@ -63,6 +64,8 @@ class BoxDecoder:
         self._lock = threading.Lock()
         self._fn: Any = self._eager
         self._lane_fns: list[Any] = []
+        #: Intra-op threads of each lane (0 without lanes).
+        self.lane_threads = 0
         self._local = threading.local()
         #: ``eager``, ``onnx`` or ``compile`` (the implementation answering now).
         self.backend = "eager"
@@ -99,13 +102,13 @@ class BoxDecoder:
 
     @property
     def lanes(self) -> int:
-        """How many single-threaded lanes can decode side by side (0: run one call at a time)."""
+        """How many lanes (half-thread sessions) can decode side by side (0: run one call at a time)."""
         with self._lock:
             return len(self._lane_fns) if self.backend == "onnx" else 0
 
     @contextmanager
     def lane(self, index: int | None) -> Iterator[None]:
-        """Single-box calls from this thread use lane ``index`` (a single-threaded session) meanwhile.
+        """Single-box calls from this thread use lane ``index`` (a session with half the threads) meanwhile.
 
         ``None`` (or a backend without lanes) uses the ordinary implementation. Results are the same
         either way (the same float32 graph); only the number of threads per call differs.
@@ -130,8 +133,8 @@ class BoxDecoder:
         """Export the decoder to ONNX and answer with ONNX Runtime (CPU, float32); True when it answers.
 
         Two graphs (single-mask and multimask outputs, any number of boxes), run with ``threads``
-        intra-op threads (default: torch's), plus :data:`LANES` single-threaded sessions of the
-        single-mask graph for parallel propagation. Checked against eager on the probe (one box,
+        intra-op threads (default: torch's), plus :data:`LANES` sessions of the single-mask graph
+        with ``threads // LANES`` threads each (one on a 2-core CPU) for parallel propagation. Checked against eager on the probe (one box,
         one box with the multimask outputs, a batch) before it answers; on any failure eager keeps
         answering and the reason is logged once (:attr:`status`).
         """
@@ -166,9 +169,9 @@ class BoxDecoder:
             n_threads = threads or torch.get_num_threads()
             main = runner({m: session(g, n_threads) for m, g in graphs.items()})
             lanes = []
-            for _ in range(LANES if n_threads > 1 else 0):
-                single = session(graphs[False], 1)
-                lanes.append(runner({False: single, True: single}))  # multimask never goes to a lane
+            for _ in range(LANES if n_threads >= LANES else 0):
+                share = session(graphs[False], n_threads // LANES)
+                lanes.append(runner({False: share, True: share}))  # multimask never goes to a lane
             worst = 0.0
             with torch.inference_mode():
                 pe = self.dense_pe()
@@ -185,6 +188,7 @@ class BoxDecoder:
             return False
         with self._lock:
             self._fn, self._lane_fns, self.backend, self.status = main, lanes, "onnx", ""
+            self.lane_threads = n_threads // LANES if lanes else 0
         logger.info("LiteMedSAM mask decoder on ONNX Runtime %s in %.1f s (%d lanes; max |diff| vs eager %.2g)",
                     ort.__version__, time.perf_counter() - t0, len(lanes), worst)
         return True

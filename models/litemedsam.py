@@ -32,7 +32,7 @@ Design (see also the README section of the model layer):
   mask's Dice with the previous slice's mask < ``stop_overlap``, the mask is empty, the volume ends,
   or a slice carrying its own positive prompt is reached. Results of all prompted slices are united.
   The chains (each prompted slice, up and down) are independent, so with the ONNX Runtime decoder
-  they run side by side on two threads, one single-threaded decoder lane each (same masks as one
+  they run side by side on two threads, one decoder lane (half the threads) each (same masks as one
   after the other; :func:`_run_chains`).
 """
 
@@ -862,10 +862,10 @@ class LiteMedSAM:
 def _run_chains(
     chains: list[tuple[int, int]], run: Callable[..., None], lanes: int
 ) -> None:
-    """Run propagation chains on ``lanes`` threads, one single-threaded decoder lane each.
+    """Run propagation chains on ``lanes`` threads, one decoder lane (half the threads) each.
 
-    While two or more chains run, each thread's decoder calls go to its own lane (a single-threaded
-    ONNX Runtime session: a single box is too small to keep two threads busy, two chains are not);
+    While two or more chains run, each thread's decoder calls go to its own lane (an ONNX Runtime
+    session with half the threads: one box does not keep all the threads busy, two chains do);
     the last chain running uses the ordinary multi-threaded session again. The chains are
     independent (each starts from its seed's result and stops at other seeds), and results are
     united with ``|`` and ``max``, so the outcome does not depend on the order. The first error

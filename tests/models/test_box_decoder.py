@@ -173,3 +173,13 @@ def test_an_onnx_runtime_decoder_that_cannot_be_built_leaves_eager_answering(lit
         got = dec(emb, torch.tensor([[[40.0, 40.0, 120.0, 140.0]]]), False)
     assert got[0].shape == (1, 1, 256, 256)
     assert not litemedsam._net.training  # the export left the network in eval mode
+
+
+def test_lanes_split_the_threads(litemedsam) -> None:
+    """Each of the two lanes gets half the decoder's threads (one each on 2 cores); one thread: no lanes."""
+    four = BoxDecoder(litemedsam._net, torch.device("cpu"))
+    assert four.use_onnx(threads=4) and four.lanes == 2 and four.lane_threads == 2
+    one = BoxDecoder(litemedsam._net, torch.device("cpu"))
+    assert one.use_onnx(threads=1) and one.backend == "onnx" and one.lanes == 0 and one.lane_threads == 0
+    n = torch.get_num_threads()
+    assert litemedsam._decoder.lane_threads == (n // 2 if n >= 2 else 0)
