@@ -96,7 +96,8 @@ class LiteMedSAMSettings:
     #: decoder, built in the background under ``ainode serve``; exact), ``fused`` (conv+BN folded, exact) or
     #: ``eager`` (as shipped); a backend that fails falls back to ``fused``/``eager`` (docs/models.md).
     encoder_backend: str = "auto"
-    #: Folder for the compiled encoder (Inductor cache); empty = ``<data_dir>/encoder-cache`` under the node.
+    #: Folder for the compiled encoder (Inductor cache) and the cached ONNX exports of the encoder and mask
+    #: decoder (~70 MB, reused by the next model load); empty = ``<data_dir>/encoder-cache``.
     encoder_cache_dir: str = ""
 
 

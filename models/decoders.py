@@ -9,12 +9,12 @@ Implementations (all float32; each must agree with eager on a probe before it an
 failure leaves eager answering, logged once):
 
 * ``onnx`` (:meth:`BoxDecoder.use_onnx`; CPUs, chosen with the image encoder's ``onnx`` backend):
-  exported to ONNX in memory at load (one graph for the single-mask output, one for the multimask
-  outputs; the number of boxes is dynamic) and run by ONNX Runtime. ~20 ms per box, ready in
-  about a second. It also opens **lanes**: sessions of the same graph with half the threads each
-  (single-threaded on a 2-core CPU), so the two
-  directions of a 3D propagation run side by side on two cores (:meth:`BoxDecoder.lane`): a
-  single box is too small a job to keep two threads busy, two chains of boxes are not.
+  exported to ONNX at load (cached on disk for the next load), one graph for the single-mask output
+  and one for the multimask outputs, the number of boxes dynamic, and run by ONNX Runtime: ~20 ms
+  per box, ready in about a second. It also opens **lanes**: sessions of the same graph with half
+  the threads each (single-threaded on a 2-core CPU), so the two directions of a 3D propagation
+  run side by side (:meth:`BoxDecoder.lane`): one box does not keep all the threads busy, two
+  chains of boxes do.
 * ``compile`` (:meth:`BoxDecoder.compile`, run by the image encoder's background compile thread,
   :meth:`models.encoders.Encoder.then`, when the encoder compiles): ``torch.compile`` graphs for
   one box, one box with the multimask outputs and a batch of any size (dynamic), ~24 ms per box
@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.encoders import brief
+from models.encoders import brief, cached_onnx
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -129,69 +131,100 @@ class BoxDecoder:
                 self._pe = self._net.prompt_encoder.get_dense_pe()
         return self._pe
 
-    def use_onnx(self, threads: int | None = None) -> bool:
+    def use_onnx(self, threads: int | None = None, cache_dir: str | os.PathLike[str] | None = None) -> bool:
         """Export the decoder to ONNX and answer with ONNX Runtime (CPU, float32); True when it answers.
 
         Two graphs (single-mask and multimask outputs, any number of boxes), run with ``threads``
         intra-op threads (default: torch's), plus :data:`LANES` sessions of the single-mask graph
-        with ``threads // LANES`` threads each (one on a 2-core CPU) for parallel propagation. Checked against eager on the probe (one box,
-        one box with the multimask outputs, a batch) before it answers; on any failure eager keeps
+        with ``threads // LANES`` threads each (one on a 2-core CPU) for parallel propagation. With
+        ``cache_dir`` the exports are kept there and reused by the next load
+        (:func:`models.encoders.cached_onnx`). Checked against eager on the probe (one box, one box
+        with the multimask outputs, a batch) before it answers; on any failure eager keeps
         answering and the reason is logged once (:attr:`status`).
         """
         import torch
 
         t0 = time.perf_counter()
+        folder = Path(cache_dir) if cache_dir else None
+        names = {False: "decoder", True: "decoder-multimask"}
+        modules = [self._net.prompt_encoder, self._net.mask_decoder]
+
+        def load() -> tuple[dict[bool, bytes], list[Path]]:
+            graphs, cached = {}, []
+            for multimask, name in names.items():
+                graphs[multimask], path = cached_onnx(
+                    folder, name, modules, lambda m=multimask: export_onnx(self._net, self.dense_pe(), m))
+                if path is not None:
+                    cached.append(path)
+            return graphs, cached
+
         try:
-            import numpy as np
-            import onnxruntime as ort
-
-            graphs = {multimask: export_onnx(self._net, self.dense_pe(), multimask) for multimask in (False, True)}
-
-            def session(graph: bytes, n_threads: int) -> Any:
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = n_threads
-                so.inter_op_num_threads = 1
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                # idle workers must not spin between calls: the next call (or torch) needs the cores
-                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
-
-            def runner(sessions: dict[bool, Any]) -> Any:
-                def run(embedding: torch.Tensor, _pe: torch.Tensor, boxes: torch.Tensor,
-                        multimask: bool) -> tuple[Any, Any]:
-                    feed = {"embedding": np.ascontiguousarray(embedding.detach().cpu().numpy(), dtype=np.float32),
-                            "boxes": np.ascontiguousarray(boxes.detach().cpu().numpy(), dtype=np.float32)}
-                    masks, iou = sessions[multimask].run(None, feed)
-                    return torch.from_numpy(masks), torch.from_numpy(iou)
-
-                return run
-
-            n_threads = threads or torch.get_num_threads()
-            main = runner({m: session(g, n_threads) for m, g in graphs.items()})
-            lanes = []
-            for _ in range(LANES if n_threads >= LANES else 0):
-                share = session(graphs[False], n_threads // LANES)
-                lanes.append(runner({False: share, True: share}))  # multimask never goes to a lane
-            worst = 0.0
-            with torch.inference_mode():
-                pe = self.dense_pe()
-                for n, multimask in ((1, False), (1, True), (3, False), (3, True)):
-                    emb, boxes = _probe(self._device, n)
-                    want = self._eager(emb, pe, boxes, multimask)
-                    for fn in [main, *lanes[:1]] if not multimask else [main]:
-                        for g, w in zip(fn(emb, pe, boxes, multimask), want):
-                            worst = max(worst, float((g - w).abs().max()))
-            if not worst <= PROBE_TOLERANCE:
-                raise RuntimeError(f"the ONNX Runtime decoder differs from eager by {worst:.3g} on the probe")
+            graphs, cached = load()
+            try:
+                main, lanes, worst, n_threads = self._build_onnx(graphs, threads)
+            except Exception as exc:  # noqa: BLE001 - a damaged or stale cached export: export again, once
+                if not cached:
+                    raise
+                logger.warning("LiteMedSAM: cached ONNX decoder unusable (%s); exporting again", brief(exc))
+                for path in cached:
+                    path.unlink(missing_ok=True)
+                graphs, _ = load()
+                main, lanes, worst, n_threads = self._build_onnx(graphs, threads)
         except Exception as exc:  # noqa: BLE001 - any build failure leaves eager answering, logged once
             self._fallback(f"ONNX Runtime failed ({brief(exc)})")
             return False
+        import onnxruntime as ort
+
         with self._lock:
             self._fn, self._lane_fns, self.backend, self.status = main, lanes, "onnx", ""
             self.lane_threads = n_threads // LANES if lanes else 0
         logger.info("LiteMedSAM mask decoder on ONNX Runtime %s in %.1f s (%d lanes; max |diff| vs eager %.2g)",
                     ort.__version__, time.perf_counter() - t0, len(lanes), worst)
         return True
+
+    def _build_onnx(self, graphs: dict[bool, bytes], threads: int | None) -> tuple[Any, list[Any], float, int]:
+        """Sessions for ``graphs`` checked against eager on the probe: (main, lanes, max |diff|, threads)."""
+        import numpy as np
+        import onnxruntime as ort
+        import torch
+
+        def session(graph: bytes, n_threads: int) -> Any:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = n_threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # idle workers must not spin between calls: the next call (or torch) needs the cores
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
+        def runner(sessions: dict[bool, Any]) -> Any:
+            def run(embedding: torch.Tensor, _pe: torch.Tensor, boxes: torch.Tensor,
+                    multimask: bool) -> tuple[Any, Any]:
+                feed = {"embedding": np.ascontiguousarray(embedding.detach().cpu().numpy(), dtype=np.float32),
+                        "boxes": np.ascontiguousarray(boxes.detach().cpu().numpy(), dtype=np.float32)}
+                masks, iou = sessions[multimask].run(None, feed)
+                return torch.from_numpy(masks), torch.from_numpy(iou)
+
+            return run
+
+        n_threads = threads or torch.get_num_threads()
+        main = runner({m: session(g, n_threads) for m, g in graphs.items()})
+        lanes = []
+        for _ in range(LANES if n_threads >= LANES else 0):
+            share = session(graphs[False], n_threads // LANES)
+            lanes.append(runner({False: share, True: share}))  # multimask never goes to a lane
+        worst = 0.0
+        with torch.inference_mode():
+            pe = self.dense_pe()
+            for n, multimask in ((1, False), (1, True), (3, False), (3, True)):
+                emb, boxes = _probe(self._device, n)
+                want = self._eager(emb, pe, boxes, multimask)
+                for fn in [main, *lanes[:1]] if not multimask else [main]:
+                    for g, w in zip(fn(emb, pe, boxes, multimask), want):
+                        worst = max(worst, float((g - w).abs().max()))
+        if not worst <= PROBE_TOLERANCE:
+            raise RuntimeError(f"the ONNX Runtime decoder differs from eager by {worst:.3g} on the probe")
+        return main, lanes, worst, n_threads
 
     def compile(self) -> None:
         """Build, warm and check the compiled decoder; switch to it when it agrees with eager.

@@ -24,7 +24,8 @@ Backends (figures: docs/models.md, ``benchmarks/encoder``):
     compile, :mod:`models.decoders`). Calls always hand the compiled graph an inference tensor of one
     slice, so no request ever triggers a recompile.
 ``onnx``
-    ``fused`` exported to ONNX in memory (~2 s) and run by ONNX Runtime's CPU provider, float32 and exact
+    ``fused`` exported to ONNX (~2 s; kept in ``<cache_dir>/onnx`` for the next load, :func:`cached_onnx`)
+    and run by ONNX Runtime's CPU provider, float32 and exact
     (~3e-6); checked against ``fused`` on a probe input. On a 2-core CPU ~360 ms per slice against
     ~510 ms compiled and ~600 ms fused (the float32 FLOP floor), with nothing to compile. LiteMedSAM
     then runs its mask decoder on ONNX Runtime too (:meth:`models.decoders.BoxDecoder.use_onnx`).
@@ -152,6 +153,8 @@ class Encoder:
         self._eager = encoder
         self._device = device or next(encoder.parameters()).device
         self._cache_dir = Path(cache_dir) if cache_dir else None
+        #: Folder of compiled artefacts and cached ONNX exports (None: nothing is kept).
+        self.cache_dir = self._cache_dir
         if backend == "auto":
             if self._device.type == "cpu" and onnxruntime_available():
                 backend = "onnx"
@@ -289,19 +292,25 @@ class Encoder:
             # idle worker threads would otherwise spin after every encode, taking the cores the
             # mask decoder (torch) needs next
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(export_onnx(self._fused), so, providers=["CPUExecutionProvider"])
 
-            def run_onnx(x: torch.Tensor) -> torch.Tensor:
-                arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # NCHW
-                return torch.from_numpy(session.run(None, {"x": arr})[0])
+            def build(graph: bytes) -> tuple[Any, float]:
+                session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
 
-            probe = _probe_input(self._device)
-            with torch.inference_mode():
-                got = run_onnx(probe)
-                want = self._fused(probe.contiguous(memory_format=torch.channels_last))
-            diff = float((got.float() - want.float()).abs().max())
-            if not diff <= PROBE_TOLERANCE:
-                raise RuntimeError(f"the ONNX Runtime encoder differs from float32 by {diff:.3g} on the probe input")
+                def run_onnx(x: torch.Tensor) -> torch.Tensor:
+                    arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # NCHW
+                    return torch.from_numpy(session.run(None, {"x": arr})[0])
+
+                probe = _probe_input(self._device)
+                with torch.inference_mode():
+                    got = run_onnx(probe)
+                    want = self._fused(probe.contiguous(memory_format=torch.channels_last))
+                diff = float((got.float() - want.float()).abs().max())
+                if not diff <= PROBE_TOLERANCE:
+                    raise RuntimeError(f"the ONNX Runtime encoder differs from float32 by {diff:.3g} on the probe input")
+                return run_onnx, diff
+
+            run_onnx, diff = build_cached(self._cache_dir, "encoder", [self._fused],
+                                          lambda: export_onnx(self._fused), build)
         except Exception as exc:  # noqa: BLE001 - any build failure falls back, logged once
             self._fail(f"ONNX Runtime failed ({brief(exc)})", "onnx")
             return
@@ -377,6 +386,67 @@ def onnxruntime_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+#: Part of the key of cached ONNX exports: bump it when the exported graphs change for the same weights.
+ONNX_EXPORT_VERSION = 1
+
+
+def cached_onnx(cache_dir: Path | None, name: str, modules: list[Any], export: Any) -> tuple[bytes, Path | None]:
+    """``export()`` (ONNX bytes), kept in ``cache_dir/onnx`` so the next model load skips the export.
+
+    The file name carries a digest of ``name``, :data:`ONNX_EXPORT_VERSION`, the torch and onnx versions
+    and every parameter and buffer of ``modules``; other exports of the same ``name`` are removed when
+    a new one is written. Returns the bytes and the cached file they came from (None: exported now).
+    Callers check what they load against eager on a probe and call again after deleting the file when
+    that fails, so a damaged or stale file costs one export, never a wrong result.
+    """
+    if cache_dir is None:
+        return export(), None
+    import hashlib
+
+    import onnx
+    import torch
+
+    digest = hashlib.sha256(f"{name}|{ONNX_EXPORT_VERSION}|{torch.__version__}|{onnx.__version__}".encode())
+    for module in modules:
+        for key, tensor in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    folder = Path(cache_dir) / "onnx"
+    path = folder / f"{name}-{digest.hexdigest()[:24]}.onnx"
+    try:
+        return path.read_bytes(), path
+    except OSError:
+        pass
+    data = export()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        for old in folder.glob(f"{name}-*.onnx"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("LiteMedSAM: the ONNX export cannot be cached in %s (%s); it is exported at every load",
+                       folder, exc)
+    return data, None
+
+
+def build_cached(cache_dir: Path | None, name: str, modules: list[Any], export: Any, build: Any) -> Any:
+    """``build(graph)`` on the cached export (:func:`cached_onnx`); when that fails (a damaged or stale
+    file), the file is deleted and ``build`` runs on a fresh export. Returns what ``build`` returns."""
+    graph, cached = cached_onnx(cache_dir, name, modules, export)
+    if cached is None:
+        return build(graph)
+    try:
+        return build(graph)
+    except Exception as exc:  # noqa: BLE001 - retried once on a fresh export
+        logger.warning("LiteMedSAM: cached ONNX export %s unusable (%s); exporting again", cached.name, brief(exc))
+        cached.unlink(missing_ok=True)
+        graph, _ = cached_onnx(cache_dir, name, modules, export)
+        return build(graph)
 
 
 def export_onnx(fused: Any) -> bytes:

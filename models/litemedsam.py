@@ -234,7 +234,7 @@ class LiteMedSAM:
         #: background, else eager.
         self._decoder = BoxDecoder(self._net, self._device)
         if self._encoder.requested == "onnx":
-            self._decoder.use_onnx()
+            self._decoder.use_onnx(cache_dir=self._encoder.cache_dir)
         else:
             self._encoder.then(self._decoder.compile)
         #: Counters for diagnostics and tests (image encoder / mask decoder forward passes).
