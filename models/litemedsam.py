@@ -6,7 +6,8 @@ Design (see also the README section of the model layer):
   (:mod:`models.intensity`), longest side resized to 256 keeping the aspect ratio, per-slice
   min-max to [0, 1], zero padding bottom/right, boxes scaled by 256 / max(H, W); low-res logits are
   cropped to the unpadded region, bilinearly upsampled to the slice size and thresholded at 0.
-* Image embeddings (~1.5 s per slice on a 2-core CPU; the decoder costs ~70 ms) are cached per slice
+* Image embeddings (~0.35 s per slice on a 2-core CPU with ONNX Runtime, ~1 s eager; the decoder
+  ~20 ms per box) are cached per slice
   in an LRU keyed by a digest of the slice's model input, so follow-up prompts on the same series
   (or identical slices anywhere) never re-encode. Embeddings are stored as float16
   (2 MB per slice instead of 4 MB; every decode uses the float16 round trip, so cached and fresh
