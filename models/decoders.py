@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.encoders import brief, cached_onnx
+from models.encoders import brief, build_cached, ort_session
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -142,34 +142,13 @@ class BoxDecoder:
         with the multimask outputs, a batch) before it answers; on any failure eager keeps
         answering and the reason is logged once (:attr:`status`).
         """
-        import torch
-
         t0 = time.perf_counter()
-        folder = Path(cache_dir) if cache_dir else None
-        names = {False: "decoder", True: "decoder-multimask"}
-        modules = [self._net.prompt_encoder, self._net.mask_decoder]
-
-        def load() -> tuple[dict[bool, bytes], list[Path]]:
-            graphs, cached = {}, []
-            for multimask, name in names.items():
-                graphs[multimask], path = cached_onnx(
-                    folder, name, modules, lambda m=multimask: export_onnx(self._net, self.dense_pe(), m))
-                if path is not None:
-                    cached.append(path)
-            return graphs, cached
-
+        exports = {"decoder": lambda: export_onnx(self._net, self.dense_pe(), False),
+                   "decoder-multimask": lambda: export_onnx(self._net, self.dense_pe(), True)}
         try:
-            graphs, cached = load()
-            try:
-                main, lanes, worst, n_threads = self._build_onnx(graphs, threads)
-            except Exception as exc:  # noqa: BLE001 - a damaged or stale cached export: export again, once
-                if not cached:
-                    raise
-                logger.warning("LiteMedSAM: cached ONNX decoder unusable (%s); exporting again", brief(exc))
-                for path in cached:
-                    path.unlink(missing_ok=True)
-                graphs, _ = load()
-                main, lanes, worst, n_threads = self._build_onnx(graphs, threads)
+            main, lanes, worst, n_threads = build_cached(
+                Path(cache_dir) if cache_dir else None, exports, [self._net.prompt_encoder, self._net.mask_decoder],
+                lambda g: self._build_onnx({False: g["decoder"], True: g["decoder-multimask"]}, threads))
         except Exception as exc:  # noqa: BLE001 - any build failure leaves eager answering, logged once
             self._fallback(f"ONNX Runtime failed ({brief(exc)})")
             return False
@@ -185,17 +164,7 @@ class BoxDecoder:
     def _build_onnx(self, graphs: dict[bool, bytes], threads: int | None) -> tuple[Any, list[Any], float, int]:
         """Sessions for ``graphs`` checked against eager on the probe: (main, lanes, max |diff|, threads)."""
         import numpy as np
-        import onnxruntime as ort
         import torch
-
-        def session(graph: bytes, n_threads: int) -> Any:
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = n_threads
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # idle workers must not spin between calls: the next call (or torch) needs the cores
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
 
         def runner(sessions: dict[bool, Any]) -> Any:
             def run(embedding: torch.Tensor, _pe: torch.Tensor, boxes: torch.Tensor,
@@ -208,20 +177,12 @@ class BoxDecoder:
             return run
 
         n_threads = threads or torch.get_num_threads()
-        main = runner({m: session(g, n_threads) for m, g in graphs.items()})
+        main = runner({m: ort_session(g, n_threads) for m, g in graphs.items()})
         lanes = []
         for _ in range(LANES if n_threads >= LANES else 0):
-            share = session(graphs[False], n_threads // LANES)
+            share = ort_session(graphs[False], n_threads // LANES)
             lanes.append(runner({False: share, True: share}))  # multimask never goes to a lane
-        worst = 0.0
-        with torch.inference_mode():
-            pe = self.dense_pe()
-            for n, multimask in ((1, False), (1, True), (3, False), (3, True)):
-                emb, boxes = _probe(self._device, n)
-                want = self._eager(emb, pe, boxes, multimask)
-                for fn in [main, *lanes[:1]] if not multimask else [main]:
-                    for g, w in zip(fn(emb, pe, boxes, multimask), want):
-                        worst = max(worst, float((g - w).abs().max()))
+        worst = self._probe_diff(lambda multimask: [main] if multimask else [main, *lanes[:1]])
         if not worst <= PROBE_TOLERANCE:
             raise RuntimeError(f"the ONNX Runtime decoder differs from eager by {worst:.3g} on the probe")
         return main, lanes, worst, n_threads
@@ -236,18 +197,13 @@ class BoxDecoder:
         t0 = time.perf_counter()
         try:
             compiled = torch.compile(self._eager, dynamic=None)
-            worst = 0.0
-            with torch.inference_mode():
-                pe = self.dense_pe()
-                # every graph a request can need: one box, one box with the multimask outputs, a batch
-                for n, multimask in ((1, False), (1, True), (3, False), (3, True)):
-                    emb, boxes = _probe(self._device, n)
-                    if n > 1:
-                        torch._dynamo.mark_dynamic(boxes, 0)
-                    got = compiled(emb, pe, boxes, multimask)
-                    want = self._eager(emb, pe, boxes, multimask)
-                    for g, w in zip(got, want):
-                        worst = max(worst, float((g - w).abs().max()))
+
+            def run(emb: torch.Tensor, pe: torch.Tensor, boxes: torch.Tensor, multimask: bool) -> tuple[Any, Any]:
+                if boxes.shape[0] > 1:
+                    torch._dynamo.mark_dynamic(boxes, 0)  # one graph for every batch size
+                return compiled(emb, pe, boxes, multimask)
+
+            worst = self._probe_diff(lambda multimask: [run])
             if not worst <= PROBE_TOLERANCE:
                 raise RuntimeError(f"compiled decoder differs from eager by {worst:.3g} on the probe")
         except Exception as exc:  # noqa: BLE001 - any compile failure leaves eager answering
@@ -259,6 +215,22 @@ class BoxDecoder:
         logger.info("LiteMedSAM mask decoder compiled in %.1f s (max |diff| vs eager %.2g)", self.compile_seconds, worst)
 
     # ------------------------------------------------------------------ internals
+
+    def _probe_diff(self, fns: Any) -> float:
+        """Largest |difference| from eager of every ``fns(multimask)`` on the probe: one box, one box with
+        the multimask outputs, a batch (every graph a request can need)."""
+        import torch
+
+        worst = 0.0
+        with torch.inference_mode():
+            pe = self.dense_pe()
+            for n, multimask in ((1, False), (1, True), (3, False), (3, True)):
+                emb, boxes = _probe(self._device, n)
+                want = self._eager(emb, pe, boxes, multimask)
+                for fn in fns(multimask):
+                    for g, w in zip(fn(emb, pe, boxes, multimask), want):
+                        worst = max(worst, float((g - w).abs().max()))
+        return worst
 
     def _eager(self, embedding: torch.Tensor, pe: torch.Tensor, boxes: torch.Tensor, multimask: bool) -> tuple[Any, Any]:
         """SAM's ``MaskDecoder.forward`` for N boxes on one embedding, the image side shared by the N boxes.

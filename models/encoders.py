@@ -285,16 +285,8 @@ class Encoder:
             import numpy as np
             import onnxruntime as ort
 
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = torch.get_num_threads()
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # idle worker threads would otherwise spin after every encode, taking the cores the
-            # mask decoder (torch) needs next
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-            def build(graph: bytes) -> tuple[Any, float]:
-                session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+            def build(graphs: dict[str, bytes]) -> tuple[Any, float]:
+                session = ort_session(graphs["encoder"], torch.get_num_threads())
 
                 def run_onnx(x: torch.Tensor) -> torch.Tensor:
                     arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)  # NCHW
@@ -309,8 +301,8 @@ class Encoder:
                     raise RuntimeError(f"the ONNX Runtime encoder differs from float32 by {diff:.3g} on the probe input")
                 return run_onnx, diff
 
-            run_onnx, diff = build_cached(self._cache_dir, "encoder", [self._fused],
-                                          lambda: export_onnx(self._fused), build)
+            run_onnx, diff = build_cached(self._cache_dir, {"encoder": lambda: export_onnx(self._fused)},
+                                          [self._fused], build)
         except Exception as exc:  # noqa: BLE001 - any build failure falls back, logged once
             self._fail(f"ONNX Runtime failed ({brief(exc)})", "onnx")
             return
@@ -434,19 +426,44 @@ def cached_onnx(cache_dir: Path | None, name: str, modules: list[Any], export: A
     return data, None
 
 
-def build_cached(cache_dir: Path | None, name: str, modules: list[Any], export: Any, build: Any) -> Any:
-    """``build(graph)`` on the cached export (:func:`cached_onnx`); when that fails (a damaged or stale
-    file), the file is deleted and ``build`` runs on a fresh export. Returns what ``build`` returns."""
-    graph, cached = cached_onnx(cache_dir, name, modules, export)
-    if cached is None:
-        return build(graph)
+def build_cached(cache_dir: Path | None, exports: dict[str, Any], modules: list[Any], build: Any) -> Any:
+    """``build({name: graph})`` on the cached exports (:func:`cached_onnx`, one per ``exports`` entry);
+    when that fails on cached files (damaged or stale), they are deleted and ``build`` runs on fresh
+    exports. Returns what ``build`` returns."""
+
+    def load() -> tuple[dict[str, bytes], list[Path]]:
+        graphs, cached = {}, []
+        for name, export in exports.items():
+            graphs[name], path = cached_onnx(cache_dir, name, modules, export)
+            if path is not None:
+                cached.append(path)
+        return graphs, cached
+
+    graphs, cached = load()
+    if not cached:
+        return build(graphs)
     try:
-        return build(graph)
-    except Exception as exc:  # noqa: BLE001 - retried once on a fresh export
-        logger.warning("LiteMedSAM: cached ONNX export %s unusable (%s); exporting again", cached.name, brief(exc))
-        cached.unlink(missing_ok=True)
-        graph, _ = cached_onnx(cache_dir, name, modules, export)
-        return build(graph)
+        return build(graphs)
+    except Exception as exc:  # noqa: BLE001 - retried once on fresh exports
+        logger.warning("LiteMedSAM: cached ONNX %s unusable (%s); cached ONNX export(s) %s deleted, exporting again",
+                       " + ".join(exports), brief(exc), ", ".join(p.name for p in cached))
+        for path in cached:
+            path.unlink(missing_ok=True)
+        graphs, _ = load()
+        return build(graphs)
+
+
+def ort_session(graph: bytes, threads: int) -> Any:
+    """An ONNX Runtime CPU session for ``graph`` with ``threads`` intra-op threads that do not spin when idle
+    (the next call, or torch, needs the cores)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
 
 
 def export_onnx(fused: Any) -> bytes:

@@ -596,14 +596,14 @@ class LiteMedSAM:
                 keys.append(d.digest())
         found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         with self._state:
-            hits = {i: self._memo.get(key) for i, key in enumerate(keys)}
+            hits = {}
             for i, key in enumerate(keys):
-                if hits[i] is not None:
+                hit = self._memo.get(key)
+                if hit is not None:
                     self._memo.move_to_end(key)
-        for i, hit in hits.items():
-            if hit is not None:
-                packed, mshape, iou_i = hit
-                found[i] = (np.unpackbits(packed, count=int(np.prod(mshape))).view(bool).reshape(mshape), iou_i)
+                    hits[i] = hit
+        for i, (packed, mshape, iou_i) in hits.items():
+            found[i] = (np.unpackbits(packed, count=int(np.prod(mshape))).view(bool).reshape(mshape), iou_i)
         todo = [i for i in range(n) if i not in found]
         if todo:
             masks_new, iou_new = self._run_decoder(emb, boxes[todo], shape, multimask)
