@@ -288,3 +288,23 @@ def test_interactive_jobs_overtake_queued_batch_jobs(api: Api, phantom: PhantomS
     click.future.result(10)
     assert order == ["click", "batch"]
     assert click.describe()["priority"] == INTERACTIVE
+
+
+def test_model_load_leaves_long_lived_objects_out_of_garbage_collection(api: Api) -> None:
+    """After a model load the objects alive then are frozen; garbage made afterwards is still collected."""
+    import gc
+    import weakref
+
+    class Node:
+        ref: Any = None
+
+    alive = Node()
+    alive.ref = alive  # a cycle that is still referenced when the model loads
+    api.ctx.inference.submit(None, lambda seg, ctx: None).future.result(60)
+    assert not any(o is alive for o in gc.get_objects()), "objects alive at load time are not frozen"
+    later = Node()
+    later.ref = later
+    gone = weakref.ref(later)
+    del later
+    gc.collect()
+    assert gone() is None, "a reference cycle made after the load was not collected"
