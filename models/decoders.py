@@ -148,7 +148,8 @@ class BoxDecoder:
         try:
             main, lanes, worst, n_threads = build_cached(
                 Path(cache_dir) if cache_dir else None, exports, [self._net.prompt_encoder, self._net.mask_decoder],
-                lambda g: self._build_onnx({False: g["decoder"], True: g["decoder-multimask"]}, threads))
+                lambda g, reference: self._build_onnx({False: g["decoder"], True: g["decoder-multimask"]}, threads,
+                                                      reference))
         except Exception as exc:  # noqa: BLE001 - any build failure leaves eager answering, logged once
             self._fallback(f"ONNX Runtime failed ({brief(exc)})")
             return False
@@ -161,8 +162,10 @@ class BoxDecoder:
                     ort.__version__, time.perf_counter() - t0, len(lanes), worst)
         return True
 
-    def _build_onnx(self, graphs: dict[bool, bytes], threads: int | None) -> tuple[Any, list[Any], float, int]:
-        """Sessions for ``graphs`` checked against eager on the probe: (main, lanes, max |diff|, threads)."""
+    def _build_onnx(self, graphs: dict[bool, bytes], threads: int | None,
+                    reference: Any = None) -> tuple[Any, list[Any], float, int]:
+        """Sessions for ``graphs`` checked against eager on the probe (``reference``: see
+        :func:`models.encoders.build_cached`): (main, lanes, max |diff|, threads)."""
         import numpy as np
         import torch
 
@@ -182,7 +185,7 @@ class BoxDecoder:
         for _ in range(LANES if n_threads >= LANES else 0):
             share = ort_session(graphs[False], n_threads // LANES)
             lanes.append(runner({False: share, True: share}))  # multimask never goes to a lane
-        worst = self._probe_diff(lambda multimask: [main] if multimask else [main, *lanes[:1]])
+        worst = self._probe_diff(lambda multimask: [main] if multimask else [main, *lanes[:1]], reference)
         if not worst <= PROBE_TOLERANCE:
             raise RuntimeError(f"the ONNX Runtime decoder differs from eager by {worst:.3g} on the probe")
         return main, lanes, worst, n_threads
@@ -216,20 +219,29 @@ class BoxDecoder:
 
     # ------------------------------------------------------------------ internals
 
-    def _probe_diff(self, fns: Any) -> float:
+    def _probe_diff(self, fns: Any, reference: Any = None) -> float:
         """Largest |difference| from eager of every ``fns(multimask)`` on the probe: one box, one box with
-        the multimask outputs, a batch (every graph a request can need)."""
+        the multimask outputs, a batch (every graph a request can need). ``reference(name, inputs,
+        compute)`` may supply eager's outputs from a cache (:func:`models.encoders.build_cached`)."""
         import torch
 
+        cases = ((1, False), (1, True), (3, False), (3, True))
         worst = 0.0
         with torch.inference_mode():
             pe = self.dense_pe()
-            for n, multimask in ((1, False), (1, True), (3, False), (3, True)):
-                emb, boxes = _probe(self._device, n)
-                want = self._eager(emb, pe, boxes, multimask)
+            probes = [_probe(self._device, n) for n, _ in cases]
+
+            def eager() -> list[Any]:
+                return [out for (_, multimask), (emb, boxes) in zip(cases, probes)
+                        for out in self._eager(emb, pe, boxes, multimask)]
+
+            inputs = [pe, *(t for pair in probes for t in pair)]
+            wants = reference("decoder-probe", inputs, eager) if reference is not None else eager()
+            for i, ((_, multimask), (emb, boxes)) in enumerate(zip(cases, probes)):
+                want = wants[2 * i: 2 * i + 2]
                 for fn in fns(multimask):
                     for g, w in zip(fn(emb, pe, boxes, multimask), want):
-                        worst = max(worst, float((g - w).abs().max()))
+                        worst = max(worst, float((g - w.to(g.device)).abs().max()))
         return worst
 
     def _eager(self, embedding: torch.Tensor, pe: torch.Tensor, boxes: torch.Tensor, multimask: bool) -> tuple[Any, Any]:

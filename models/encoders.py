@@ -285,7 +285,7 @@ class Encoder:
             import numpy as np
             import onnxruntime as ort
 
-            def build(graphs: dict[str, bytes]) -> tuple[Any, float]:
+            def build(graphs: dict[str, bytes], reference: Any) -> tuple[Any, float]:
                 session = ort_session(graphs["encoder"], torch.get_num_threads())
 
                 def run_onnx(x: torch.Tensor) -> torch.Tensor:
@@ -295,8 +295,9 @@ class Encoder:
                 probe = _probe_input(self._device)
                 with torch.inference_mode():
                     got = run_onnx(probe)
-                    want = self._fused(probe.contiguous(memory_format=torch.channels_last))
-                diff = float((got.float() - want.float()).abs().max())
+                    want, = reference("encoder-probe", [probe], lambda: [
+                        self._fused(probe.contiguous(memory_format=torch.channels_last))])
+                diff = float((got.float() - want.to(got.device).float()).abs().max())
                 if not diff <= PROBE_TOLERANCE:
                     raise RuntimeError(f"the ONNX Runtime encoder differs from float32 by {diff:.3g} on the probe input")
                 return run_onnx, diff
@@ -384,27 +385,48 @@ def onnxruntime_available() -> bool:
 ONNX_EXPORT_VERSION = 1
 
 
-def cached_onnx(cache_dir: Path | None, name: str, modules: list[Any], export: Any) -> tuple[bytes, Path | None]:
+def weights_digest(modules: list[Any]) -> str:
+    """sha256 of every parameter and buffer of ``modules`` (names and bytes), with the torch version."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(torch.__version__.encode())
+    for module in modules:
+        for key, tensor in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cached_onnx(cache_dir: Path | None, name: str, modules: list[Any], export: Any,
+                weights: str | None = None) -> tuple[bytes, Path | None]:
     """``export()`` (ONNX bytes), kept in ``cache_dir/onnx`` so the next model load skips the export.
 
     The file name carries a digest of ``name``, :data:`ONNX_EXPORT_VERSION`, the torch and onnx versions
-    and every parameter and buffer of ``modules``; other exports of the same ``name`` are removed when
-    a new one is written. Returns the bytes and the cached file they came from (None: exported now).
-    Callers check what they load against eager on a probe and call again after deleting the file when
-    that fails, so a damaged or stale file costs one export, never a wrong result.
+    and every parameter and buffer of ``modules`` (``weights``: their :func:`weights_digest`, when the
+    caller has it already); other exports of the same ``name`` are removed when a new one is written.
+    Returns the bytes and the cached file they came from (None: exported now). Callers check what they
+    load against eager on a probe and call again after deleting the file when that fails, so a damaged
+    or stale file costs one export, never a wrong result.
     """
     if cache_dir is None:
         return export(), None
     import hashlib
 
     import onnx
-    import torch
 
-    digest = hashlib.sha256(f"{name}|{ONNX_EXPORT_VERSION}|{torch.__version__}|{onnx.__version__}".encode())
-    for module in modules:
-        for key, tensor in module.state_dict().items():
-            digest.update(key.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    weights = weights or weights_digest(modules)
+    digest = hashlib.sha256(f"{name}|{ONNX_EXPORT_VERSION}|{onnx.__version__}|{weights}".encode())
     folder = Path(cache_dir) / "onnx"
     path = folder / f"{name}-{digest.hexdigest()[:24]}.onnx"
     try:
@@ -414,9 +436,7 @@ def cached_onnx(cache_dir: Path | None, name: str, modules: list[Any], export: A
     data = export()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        _write_atomically(path, lambda tmp: tmp.write_bytes(data))
         for old in folder.glob(f"{name}-*.onnx"):
             if old != path:
                 old.unlink(missing_ok=True)
@@ -426,31 +446,96 @@ def cached_onnx(cache_dir: Path | None, name: str, modules: list[Any], export: A
     return data, None
 
 
+def cached_reference(cache_dir: Path | None, name: str, weights: str, inputs: list[torch.Tensor],
+                     compute: Any) -> list[torch.Tensor]:
+    """``compute()`` (eager outputs on a probe's ``inputs``), kept in ``cache_dir/onnx`` as ``<name>-<key>.ref.npz``.
+
+    A model load checks its ONNX Runtime sessions against eager on a fixed probe; eager takes about a
+    second of that load (the image encoder's forward on the CPU). Its outputs depend only on the weights,
+    the torch version and the probe, so the next load compares against the stored ones instead. The key
+    is a digest of ``name``, ``weights`` (:func:`weights_digest`) and the inputs' bytes; each array is
+    stored with its CRC-32 and a file that does not read back exactly is computed again (and replaced).
+    """
+    if cache_dir is None:
+        return list(compute())
+    import hashlib
+    import zlib
+
+    import numpy as np
+    import torch
+
+    digest = hashlib.sha256(f"{name}|{weights}".encode())
+    for t in inputs:
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes()).to_bytes(4, "little"))
+    folder = Path(cache_dir) / "onnx"
+    path = folder / f"{name}-{digest.hexdigest()[:24]}.ref.npz"
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+            arrays = [z[f"a{i}"] for i in range(int(z["n"]))]
+            if [zlib.crc32(a.tobytes()) for a in arrays] == [int(c) for c in z["crc"]]:
+                return [torch.from_numpy(a.copy()) for a in arrays]
+        logger.warning("LiteMedSAM: probe reference %s is damaged; computing it again", path.name)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is computed again
+        logger.warning("LiteMedSAM: probe reference %s unreadable (%s); computing it again", path.name, brief(exc))
+    outputs = list(compute())
+    arrays = [o.detach().cpu().contiguous().numpy() for o in outputs]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, n=np.int64(len(arrays)), crc=np.array([zlib.crc32(a.tobytes()) for a in arrays],
+                                                                  dtype=np.int64),
+                         **{f"a{i}": a for i, a in enumerate(arrays)})
+
+        _write_atomically(path, write)
+        for old in folder.glob(f"{name}-*.ref.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("LiteMedSAM: the probe reference cannot be cached in %s (%s)", folder, exc)
+    return outputs
+
+
 def build_cached(cache_dir: Path | None, exports: dict[str, Any], modules: list[Any], build: Any) -> Any:
-    """``build({name: graph})`` on the cached exports (:func:`cached_onnx`, one per ``exports`` entry);
-    when that fails on cached files (damaged or stale), they are deleted and ``build`` runs on fresh
-    exports. Returns what ``build`` returns."""
+    """``build({name: graph}, reference)`` on the cached exports (:func:`cached_onnx`, one per ``exports``
+    entry), where ``reference(name, inputs, compute)`` is :func:`cached_reference` for these weights; when
+    ``build`` fails on cached files (damaged or stale), they and the cached references are deleted and
+    ``build`` runs on fresh exports against freshly computed references. Returns what ``build`` returns."""
+    weights = weights_digest(modules) if cache_dir is not None else ""
+    used: list[str] = []
+
+    def reference(name: str, inputs: list[Any], compute: Any) -> list[Any]:
+        used.append(name)
+        return cached_reference(cache_dir, name, weights, inputs, compute)
 
     def load() -> tuple[dict[str, bytes], list[Path]]:
         graphs, cached = {}, []
         for name, export in exports.items():
-            graphs[name], path = cached_onnx(cache_dir, name, modules, export)
+            graphs[name], path = cached_onnx(cache_dir, name, modules, export, weights=weights)
             if path is not None:
                 cached.append(path)
         return graphs, cached
 
     graphs, cached = load()
     if not cached:
-        return build(graphs)
+        return build(graphs, reference)
     try:
-        return build(graphs)
+        return build(graphs, reference)
     except Exception as exc:  # noqa: BLE001 - retried once on fresh exports
         logger.warning("LiteMedSAM: cached ONNX %s unusable (%s); cached ONNX export(s) %s deleted, exporting again",
                        " + ".join(exports), brief(exc), ", ".join(p.name for p in cached))
         for path in cached:
             path.unlink(missing_ok=True)
+        folder = Path(cache_dir) / "onnx" if cache_dir is not None else None
+        for name in used if folder is not None else []:
+            for old in folder.glob(f"{name}-*.ref.npz"):  # type: ignore[union-attr]
+                old.unlink(missing_ok=True)
         graphs, _ = load()
-        return build(graphs)
+        return build(graphs, reference)
 
 
 def ort_session(graph: bytes, threads: int) -> Any:
