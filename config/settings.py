@@ -97,7 +97,8 @@ class LiteMedSAMSettings:
     #: ``eager`` (as shipped); a backend that fails falls back to ``fused``/``eager`` (docs/models.md).
     encoder_backend: str = "auto"
     #: Folder for the compiled encoder (Inductor cache) and the cached ONNX exports of the encoder and mask
-    #: decoder (~70 MB, reused by the next model load); empty = ``<data_dir>/encoder-cache``.
+    #: decoder with their probe references (~80 MB, reused by the next model load); empty =
+    #: ``<data_dir>/encoder-cache``.
     encoder_cache_dir: str = ""
 
 
