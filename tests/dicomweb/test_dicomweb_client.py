@@ -190,3 +190,68 @@ def test_a_large_multiframe_instance_spills_to_disk(orthanc_dw: peers.Proc, tmp_
         pydicom.dcmread(ph.paths[0]).PixelData
     assert not list((store.root / "spool").iterdir())
     store.close()
+
+
+def test_a_pull_keeps_the_good_instances_and_refuses_damaged_or_foreign_parts(tmp_path: Path) -> None:
+    """A WADO-RS answer holding, among good instances, a truncated one and one of another series (served
+    by a small local HTTP server: Orthanc never sends such parts): the good ones are stored and indexed,
+    each bad part is reported failed, no temp file is left, and progress ends at the stored count."""
+    import http.server
+    import json
+    import threading
+
+    from dicom_io.multipart import encode_files
+
+    good = write_phantom_series(tmp_path / "good", shape=(5, 32, 32))
+    other = write_phantom_series(tmp_path / "other", shape=(1, 32, 32))
+    damaged = tmp_path / "damaged.dcm"
+    data = good.paths[0].read_bytes()
+    ds = pydicom.dcmread(good.paths[0])
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.99999"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(damaged)
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) - 700] + b"\xff" * 8)  # pixel data element cut short
+    parts = [good.paths[0], good.paths[1], damaged, good.paths[2], other.paths[0], good.paths[3], good.paths[4]]
+    boundary = "ainode-test-boundary"
+    length, chunks = encode_files(parts, boundary)
+    body = b"".join(chunks)
+    study, series = good.study_instance_uid, good.series_instance_uid
+
+    class Archive(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.path.startswith(f"/studies/{study}/series?"):
+                out = json.dumps([{"0020000E": {"vr": "UI", "Value": [series]},
+                                   "00201209": {"vr": "IS", "Value": [7]}}]).encode()
+                ctype = "application/dicom+json"
+            elif self.path == f"/studies/{study}/series/{series}":
+                out, ctype = body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Archive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = Store.open(tmp_path / "store", durable=True)
+    seen: list[tuple[int, int | None]] = []
+    try:
+        with DicomwebClient(f"http://127.0.0.1:{server.server_address[1]}", name="fake") as client:
+            result = client.pull_series(store, study, series, progress=lambda d, t: seen.append((d, t)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.stored, result.expected) == (5, 7) and not result.complete
+    assert sorted(result.failed) == ["part 3", "part 5"], result.failed
+    assert "not " + series in result.failed["part 5"]
+    assert {r.sop_instance_uid for r in store.instances(series)} == {pydicom.dcmread(p).SOPInstanceUID for p in good.paths}
+    assert seen[-1] == (5, 7)
+    assert not [p for p in store.root.rglob("*.partial")] and not list((store.root / "spool").iterdir())
+    store.close()
