@@ -110,6 +110,23 @@ class PullResult:
         return not self.error and not self.failed and (self.expected is None or self.held >= self.expected)
 
 
+_default_tls: ssl.SSLContext | None = None
+_default_tls_lock = threading.Lock()
+
+
+def default_tls_context() -> ssl.SSLContext:
+    """httpx's default verifying TLS context (certifi's CAs, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), built once.
+
+    Building it reads the whole CA bundle: 15-25 ms on this machine, which every new client paid (a pull,
+    a STOW-RS delivery), https or not. Clients share this one; a context is safe to share between threads.
+    """
+    global _default_tls
+    with _default_tls_lock:
+        if _default_tls is None:
+            _default_tls = httpx.create_ssl_context()
+        return _default_tls
+
+
 def _ssl_context(verify: bool, ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext | bool:
     if not verify:
         return False
@@ -232,6 +249,8 @@ class DicomwebClient:
         self.concurrency = max(1, int(concurrency))
         limits = httpx.Limits(max_connections=self.concurrency + 2, max_keepalive_connections=self.concurrency + 2)
         _large_reads()
+        if verify is True:
+            verify = default_tls_context()
         self._http = httpx.Client(auth=auth, verify=verify, timeout=httpx.Timeout(timeout),
                                   limits=limits, headers=dict(headers or {}), follow_redirects=False)
 

@@ -205,6 +205,9 @@ class MultipartParser:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Consume the next bytes of the body.
 
+        Body bytes are handed to the parts as slices of ``data``, without copying: a ``bytearray``
+        passed here must not be changed afterwards (a ``memoryview`` is copied once).
+
         Raises
         ------
         MultipartError
@@ -213,31 +216,46 @@ class MultipartParser:
         s = self._s
         if s.stage == "done" or not data:
             return  # an epilogue after the close delimiter is ignored (RFC 2046 5.1.1)
-        if s.stage == "body" and self._feed_body_fast(data):
-            return
-        s.buf += data
-        self._run()
-
-    def _feed_body_fast(self, data: bytes | bytearray | memoryview) -> bool:
-        """Inside a part, pass ``data`` on without copying when it holds no delimiter; False otherwise."""
-        s = self._s
+        raw = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+        view = memoryview(raw)
+        n, pos = len(raw), 0
         delim = self._delim
         keep = len(delim) - 1
-        raw = data if isinstance(data, bytes) else bytes(data)
-        if len(raw) <= keep:
-            return False
-        if s.buf and delim in bytes(s.buf) + raw[:keep]:
-            return False
-        if raw.find(delim) >= 0:
-            return False
-        part = self._part
-        assert part is not None
-        if s.buf:
-            part.write(bytes(s.buf))
-            s.buf.clear()
-        part.write(memoryview(raw)[:len(raw) - keep])
-        s.buf += raw[len(raw) - keep:]
-        return True
+        while pos < n and s.stage != "done":
+            if s.stage != "body":
+                # Preamble, delimiter line, part headers: through the state machine, but only up to the
+                # end of this header block when it is in this chunk, so the body after it is not copied.
+                end = raw.find(b"\r\n\r\n", pos)
+                stop = n if end < 0 else end + 4
+                s.buf += view[pos:stop]
+                pos = stop
+                self._run()
+                continue
+            if s.buf and delim in bytes(s.buf) + raw[pos:pos + keep]:
+                s.buf += view[pos:]  # a delimiter across two chunks (rare): the state machine takes the rest
+                pos = n
+                self._run()
+                continue
+            part = self._part
+            assert part is not None
+            idx = raw.find(delim, pos)
+            if s.buf:
+                part.write(bytes(s.buf))
+                s.buf.clear()
+            if idx < 0:
+                # All but the last few bytes (they may start a delimiter) go to the part.
+                cut = max(pos, n - keep)
+                part.write(view[pos:cut])
+                s.buf += view[cut:]
+                pos = n
+            else:
+                part.write(view[pos:idx])
+                self._part = None
+                part.finish()
+                self.parts += 1
+                self._on_part(part)
+                s.stage = "after_delim"
+                pos = idx + len(delim)
 
     def close(self) -> None:
         """Signal the end of the body.

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import httpx
 
-from dicom_io.dicomweb import _ssl_context, spool_dir
+from dicom_io.dicomweb import _ssl_context, default_tls_context, spool_dir
 from dicom_io.scu import StoreResult
 from dicom_io.sources import DEFAULT_MAX_ZIP_BYTES, DEFAULT_MAX_ZIP_MEMBERS, extract_zip, is_dicom_file
 from dicom_io.store import KIND_RECEIVED, InstanceInfo, InstanceValidationError, Store, StoreFullError
@@ -124,7 +124,8 @@ class XnatClient:
         self._logged_in = False
         self._roi_available: bool | None = None
         self._jsessionid = jsessionid
-        self._http = httpx.Client(verify=verify, timeout=httpx.Timeout(timeout), follow_redirects=False)
+        self._http = httpx.Client(verify=default_tls_context() if verify is True else verify,
+                                  timeout=httpx.Timeout(timeout), follow_redirects=False)
 
     @classmethod
     def from_settings(cls, name: str, dest: DestinationSettings) -> XnatClient:

@@ -255,3 +255,19 @@ def test_a_pull_keeps_the_good_instances_and_refuses_damaged_or_foreign_parts(tm
     assert seen[-1] == (5, 7)
     assert not [p for p in store.root.rglob("*.partial")] and not list((store.root / "spool").iterdir())
     store.close()
+
+
+def test_clients_share_one_verifying_tls_context() -> None:
+    """Building the default TLS context reads the CA bundle (tens of ms); every client used to build its own."""
+    import ssl
+
+    from dicom_io.dicomweb import default_tls_context
+
+    ctx = default_tls_context()
+    assert ctx is default_tls_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    with DicomwebClient("https://archive.invalid/dicom-web") as a, DicomwebClient("http://127.0.0.1:9/x") as b:
+        pools = [c._http._transport._pool for c in (a, b)]  # httpcore's pool keeps the context it was given
+        assert all(p._ssl_context is ctx for p in pools)
+    with DicomwebClient("https://archive.invalid/dicom-web", verify=False) as c:
+        assert c._http._transport._pool._ssl_context is not ctx

@@ -24,12 +24,16 @@ def _body(parts: list[bytes], boundary: str = "b0und", preamble: bytes = b"") ->
     return out + f"--{boundary}--\r\nepilogue".encode()
 
 
+@pytest.mark.parametrize("max_chunk", [700, 60000])
 @pytest.mark.parametrize("seed", range(5))
-def test_any_chunking_gives_the_same_parts(seed: int, tmp_path: Path) -> None:
+def test_any_chunking_gives_the_same_parts(seed: int, max_chunk: int, tmp_path: Path) -> None:
     rng = random.Random(seed)
-    # Bodies that contain near-boundaries, CRLFs and dashes.
-    parts = [b"", b"\r\n--b0un", b"x" * 5000 + b"\r\n--b0unx", bytes(rng.randrange(256) for _ in range(20000))]
-    body = _body(parts, preamble=b"ignored preamble\r\n")
+    # Bodies that contain near-boundaries, CRLFs and dashes; one part without header lines, a preamble
+    # with a blank line; chunks small and large, bytes or (fresh) bytearrays.
+    parts = [b"", b"\r\n--b0un", b"x" * 5000 + b"\r\n--b0unx", bytes(rng.randrange(256) for _ in range(20000)),
+             b"\r\n\r\n--b0un\r\n\r\n" * 50, bytes(rng.randrange(256) for _ in range(70000))]
+    body = _body(parts[:4], preamble=b"ignored\r\n\r\npreamble\r\n")
+    body = body[: body.rindex(b"--b0und--")] + b"--b0und\r\n\r\n" + parts[4] + b"\r\n" + _body(parts[5:])
     got: list[bytes] = []
 
     def on_part(part: SpooledPart) -> None:
@@ -39,8 +43,9 @@ def test_any_chunking_gives_the_same_parts(seed: int, tmp_path: Path) -> None:
     parser = MultipartParser("b0und", on_part, spool_dir=tmp_path, max_memory=4096)
     pos = 0
     while pos < len(body):
-        n = rng.randint(1, 700)
-        parser.feed(body[pos:pos + n])
+        n = rng.randint(1, max_chunk)
+        chunk = body[pos:pos + n]
+        parser.feed(bytearray(chunk) if rng.random() < 0.5 else chunk)
         pos += n
     parser.close()
     assert got == parts
