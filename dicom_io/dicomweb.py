@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import queue
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +255,9 @@ class DicomwebClient:
         _large_reads()
         if verify is True:
             verify = default_tls_context()
+        self._auth = auth
+        self._verify = verify
+        self._timeout = timeout
         self._http = httpx.Client(auth=auth, verify=verify, timeout=httpx.Timeout(timeout),
                                   limits=limits, headers=dict(headers or {}), follow_redirects=False)
 
@@ -401,7 +408,7 @@ class DicomwebClient:
         return data
 
     def iter_retrieve(self, path: str, on_part: Callable[[SpooledPart], None], *,
-                      spool_dir: Path | None = None) -> int:
+                      spool_dir: Path | None = None, direct: bool = False) -> int:
         """Stream a WADO-RS ``multipart/related; type="application/dicom"`` answer part by part.
 
         Parameters
@@ -412,6 +419,11 @@ class DicomwebClient:
             Called with each complete part as it arrives (it owns the part).
         spool_dir
             Folder where large parts spill.
+        direct
+            Read the body with the standard library's HTTP client straight into the parser's buffers
+            (:meth:`_stream_direct`), on a connection of its own; used for whole series. The request is
+            the same: same headers, authentication and TLS settings. Falls back to httpx when a proxy
+            applies to the URL or the authentication is not a plain header.
 
         Returns
         -------
@@ -425,34 +437,126 @@ class DicomwebClient:
         """
         url = self.wado_url + path
         try:
+            if direct and self._direct_ok(url):
+                return self._stream_direct(url, path, on_part, spool_dir)
             with self._http.stream("GET", url, headers={"Accept": ACCEPT_DICOM_ANY_TS}) as rsp:
                 if rsp.status_code != 200:
                     rsp.read()
                     raise DicomwebError(f"WADO-RS {path} answered HTTP {rsp.status_code}.", rsp.status_code)
-                media, params = parse_content_type(rsp.headers.get("content-type", ""))
-                if media == "application/dicom":
-                    part = SpooledPart({"content-type": media}, spool_dir, self.spool_bytes)
-                    for chunk in rsp.iter_bytes():
-                        part.write(chunk)
-                    part.finish()
-                    on_part(part)
-                    return 1
-                if media != "multipart/related" or not params.get("boundary"):
-                    raise DicomwebError(f"WADO-RS {path}: answer is '{media}', not multipart/related.",
-                                        rsp.status_code)
-                parser = MultipartParser(params["boundary"], on_part, spool_dir=spool_dir, max_memory=self.spool_bytes)
-                try:
-                    for chunk in rsp.iter_bytes():
-                        parser.feed(chunk)
-                    parser.close()
-                except BaseException:
-                    parser.abort()
-                    raise
-                return parser.parts
+                return self._split(path, rsp.headers.get("content-type", ""), rsp.iter_bytes(), rsp.status_code,
+                                   on_part, spool_dir)
         except httpx.HTTPError as exc:
             raise DicomwebError(f"WADO-RS {path} from {self.wado_url} failed: {exc}") from exc
         except MultipartError as exc:
             raise DicomwebError(f"WADO-RS {path}: {exc}") from exc
+
+    def _split(self, path: str, content_type: str, chunks: Iterable[bytes | bytearray], status: int,
+               on_part: Callable[[SpooledPart], None], spool_dir: Path | None) -> int:
+        """Split a WADO-RS body (``chunks``) into parts for ``on_part``; the number of parts."""
+        media, params = parse_content_type(content_type)
+        if media == "application/dicom":
+            part = SpooledPart({"content-type": media}, spool_dir, self.spool_bytes)
+            for chunk in chunks:
+                part.write(chunk if isinstance(chunk, bytes) else bytes(chunk))
+            part.finish()
+            on_part(part)
+            return 1
+        if media != "multipart/related" or not params.get("boundary"):
+            raise DicomwebError(f"WADO-RS {path}: answer is '{media}', not multipart/related.", status)
+        parser = MultipartParser(params["boundary"], on_part, spool_dir=spool_dir, max_memory=self.spool_bytes)
+        try:
+            for chunk in chunks:
+                parser.feed(chunk)
+            parser.close()
+        except BaseException:
+            parser.abort()
+            raise
+        return parser.parts
+
+    def _direct_ok(self, url: str) -> bool:
+        """True when :meth:`_stream_direct` sends exactly what httpx would: no proxy for ``url`` (httpx
+        honours the proxy environment variables) and no authentication or a one-step header one."""
+        if self._auth is not None and not isinstance(self._auth, (httpx.BasicAuth, _BearerAuth)):
+            return False
+        parts = urllib.parse.urlsplit(url)
+        proxies = urllib.request.getproxies_environment()
+        if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass_environment(
+                parts.hostname or "", proxies):
+            return False
+        return True
+
+    def _stream_direct(self, url: str, path: str, on_part: Callable[[SpooledPart], None],
+                       spool_dir: Path | None) -> int:
+        """GET ``url`` with ``http.client`` and read its body into fresh 1 MB buffers that the multipart
+        parser hands on without copying.
+
+        httpx (h11) copies each read into its receive buffer and out again; on two cores that is ~35 ms
+        of CPU per 158 MB series (measured by hand: 0.054 against 0.017 CPU-seconds for the same body),
+        and CPU is what a pull is short of. Headers (the client's own, Accept, authentication) come from
+        httpx's request builder, so both paths send the same request; compression is refused
+        (``Accept-Encoding: identity``), as WADO-RS bodies are not worth compressing.
+        """
+        request = self._http.build_request("GET", url, headers={"Accept": ACCEPT_DICOM_ANY_TS,
+                                                                "Accept-Encoding": "identity"})
+        if self._auth is not None:
+            request = next(self._auth.sync_auth_flow(request))  # basic / bearer: one step, a header
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(host, parts.port or 443, timeout=self._timeout,
+                                               context=self._direct_tls())
+        else:
+            conn = http.client.HTTPConnection(host, parts.port or 80, timeout=self._timeout)
+        def failed(exc: BaseException) -> DicomwebError:
+            return DicomwebError(f"WADO-RS {path} from {self.wado_url} failed: {exc or type(exc).__name__}")
+
+        try:
+            # Network errors become DicomwebError here; errors of the parts' consumer pass unchanged.
+            try:
+                conn.putrequest("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                                skip_host=True, skip_accept_encoding=True)
+                for name, value in request.headers.multi_items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                if conn.sock is not None:
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                rsp = conn.getresponse()
+                if rsp.status != 200:
+                    rsp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise failed(exc) from exc
+            if rsp.status != 200:
+                raise DicomwebError(f"WADO-RS {path} answered HTTP {rsp.status}.", rsp.status)
+            encoding = (rsp.getheader("content-encoding") or "identity").strip().lower()
+            if encoding != "identity":
+                raise DicomwebError(f"WADO-RS {path}: answered with Content-Encoding '{encoding}' although "
+                                    "'identity' was asked for.", rsp.status)
+
+            def chunks() -> Iterator[bytearray]:
+                while True:
+                    buf = bytearray(READ_BYTES)  # fresh each time: the parts keep slices of it
+                    try:
+                        n = rsp.readinto(buf)
+                    except (OSError, http.client.HTTPException) as exc:  # e.g. IncompleteRead: cut short
+                        raise failed(exc) from exc
+                    if not n:
+                        return
+                    if n < len(buf):
+                        del buf[n:]
+                    yield buf
+
+            return self._split(path, rsp.getheader("content-type") or "", chunks(), rsp.status, on_part, spool_dir)
+        finally:
+            conn.close()
+
+    def _direct_tls(self) -> ssl.SSLContext:
+        if isinstance(self._verify, ssl.SSLContext):
+            return self._verify
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verify = False, as the httpx client
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
 
     def retrieve_series(self, study_instance_uid: str, series_instance_uid: str,
                         on_part: Callable[[SpooledPart], None], *, spool_dir: Path | None = None) -> int:
@@ -464,7 +568,7 @@ class DicomwebClient:
             See :meth:`iter_retrieve`.
         """
         return self.iter_retrieve(f"/studies/{study_instance_uid}/series/{series_instance_uid}", on_part,
-                                  spool_dir=spool_dir)
+                                  spool_dir=spool_dir, direct=True)
 
     def retrieve_instance(self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str,
                           on_part: Callable[[SpooledPart], None], *, spool_dir: Path | None = None) -> int:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from anyio import open_file as _open_file  # noqa: F401 - see below
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -23,6 +24,11 @@ from node.errors import NodeError
 from node.prompt_page import prompt_page_routes
 from node.viewer import viewer_routes
 from node.scp import StoredInstance
+
+# anyio imports its file I/O lazily, at the first FileResponse, on the server's thread while other threads
+# may be importing too. Importing it here, with the app, keeps imports off the request path. Under pytest
+# (which rewrites anyio's modules, a plugin's) that lazy import raced other threads in CPython
+# 3.11's parser ("SystemError: AST constructor recursion depth mismatch") and broke a file response.
 
 logger = logging.getLogger(__name__)
 

@@ -271,3 +271,101 @@ def test_clients_share_one_verifying_tls_context() -> None:
         assert all(p._ssl_context is ctx for p in pools)
     with DicomwebClient("https://archive.invalid/dicom-web", verify=False) as c:
         assert c._http._transport._pool._ssl_context is not ctx
+
+
+class _Wado:
+    """A local WADO-RS answer for one series (the test's own HTTP server): Content-Length, chunked
+    (as dcm4chee sends it) or cut short; it records each request's headers."""
+
+    def __init__(self, tmp_path: Path, mode: str) -> None:
+        import http.server
+        import threading
+
+        from dicom_io.multipart import encode_files
+
+        self.series = write_phantom_series(tmp_path / "wado", shape=(4, 32, 32))
+        _, chunks = encode_files(self.series.paths, "bnd")
+        body = b"".join(chunks)
+        self.requests: list[dict[str, str]] = []
+        wado = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                wado.requests.append({k.lower(): v for k, v in self.headers.items()})
+                self.send_response(200)
+                self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=bnd')
+                if mode == "chunked":
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(0, len(body), 7777):
+                        piece = body[i:i + 7777]
+                        self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                else:
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body if mode == "length" else body[: len(body) // 2])
+                    if mode == "cut":
+                        self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["length", "chunked", "cut"])
+def test_series_retrieval_reads_length_chunked_and_cut_answers(mode: str, tmp_path: Path) -> None:
+    """Whole series are read with the standard library's HTTP client (into the parser's buffers): the same
+    request as httpx (client headers, authentication), either framing, a truncated body an error."""
+    from dicom_io.dicomweb import make_auth
+    from dicom_io.multipart import SpooledPart
+
+    wado = _Wado(tmp_path, mode)
+    got: list[bytes] = []
+
+    def keep(part: SpooledPart) -> None:
+        got.append(part.read())
+        part.discard()
+
+    try:
+        with DicomwebClient(wado.url, auth=make_auth("bearer", token="s3cret"), headers={"X-Site": "ward 7"}) as c:
+            if mode == "cut":
+                with pytest.raises(DicomwebError, match="failed|truncated"):
+                    c.retrieve_series(wado.series.study_instance_uid, wado.series.series_instance_uid, keep)
+                return
+            n = c.retrieve_series(wado.series.study_instance_uid, wado.series.series_instance_uid, keep)
+    finally:
+        wado.close()
+    assert n == 4 and got == [p.read_bytes() for p in wado.series.paths]
+    (req,) = wado.requests
+    assert req["authorization"] == "Bearer s3cret" and req["x-site"] == "ward 7"
+    assert req["accept-encoding"] == "identity" and "application/dicom" in req["accept"]
+
+
+def test_series_retrieval_goes_through_a_configured_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a proxy in the environment (httpx honours it), the series is fetched through httpx and so
+    through the proxy: here a dead one, so the pull fails; exempted by NO_PROXY, it is read directly."""
+    wado = _Wado(tmp_path, "length")
+    study, series = wado.series.study_instance_uid, wado.series.series_instance_uid
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        with DicomwebClient(wado.url) as c, pytest.raises(DicomwebError, match="failed"):
+            c.retrieve_series(study, series, lambda part: part.discard())
+        assert wado.requests == []
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        with DicomwebClient(wado.url) as c:
+            assert c.retrieve_series(study, series, lambda part: part.discard()) == 4
+        assert len(wado.requests) == 1 and wado.requests[0]["accept-encoding"] == "identity"  # read directly
+    finally:
+        wado.close()
