@@ -6,6 +6,7 @@ import json
 import logging
 import logging.config
 import re
+import sys
 import time
 from typing import Any
 
@@ -98,6 +99,25 @@ def protect_loggers() -> None:
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler on whatever ``sys.stderr`` is when a record is written, not when logging was set up.
+
+    A stderr replaced later (a test's capture, an embedding application's redirect) then neither strands
+    the node's log lines on the old stream nor ends them in "Logging error: I/O operation on closed file".
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def logging_config(level: str = "INFO", fmt: str = "text") -> dict[str, Any]:
     """The dictConfig for the node's loggers (``node``, ``dicom_io``, ``models``, ``config``)."""
     if fmt not in ("text", "json"):
@@ -114,8 +134,7 @@ def logging_config(level: str = "INFO", fmt: str = "text") -> dict[str, Any]:
         },
         "filters": {"phi": {"()": PhiFilter}},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": fmt, "stream": "ext://sys.stderr",
-                       "filters": ["phi"]},
+            "stderr": {"()": StderrHandler, "formatter": fmt, "filters": ["phi"]},
         },
         "loggers": {
             **{name: {"level": level, "handlers": ["stderr"], "propagate": False}

@@ -59,3 +59,25 @@ def test_logging_config_levels() -> None:
     assert info["loggers"]["pynetdicom"]["level"] == "WARNING" and info["loggers"]["node"]["level"] == "INFO"
     assert debug["loggers"]["pynetdicom"]["level"] == "DEBUG" and debug["loggers"]["httpx"]["level"] == "DEBUG"
     assert debug["handlers"]["stderr"]["filters"] == ["phi"]
+
+
+def test_the_handler_writes_to_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configured once, the node's handler follows sys.stderr when it is replaced (and closed) later."""
+    import logging.config
+    import sys
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in ("node", "dicom_io", "models", "config")}
+    try:
+        logging.config.dictConfig(logging_config("INFO"))
+        logging.getLogger("node.test").info("one")
+        monkeypatch.setattr(sys, "stderr", second)
+        first.close()
+        logging.getLogger("node.test").info("two")
+        assert "two" in second.getvalue() and "one" not in second.getvalue()
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
