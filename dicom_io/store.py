@@ -1330,8 +1330,8 @@ class Store:
         return StagedInstance(info, tmp, size, calling_ae_title, kind, time.time(), flush)
 
     def commit_staged(self, staged: Sequence[StagedInstance]) -> list[PutResult]:
-        """Make staged instances durable and visible together: one syncfs, renames, directory fsyncs, one
-        index transaction. Only after this returns may they be reported stored.
+        """Make staged instances durable and visible together: one flush of the batch (:func:`_flush_batch`),
+        renames, directory fsyncs, one index transaction. Only after this returns may they be reported stored.
 
         Raises
         ------
@@ -1342,7 +1342,8 @@ class Store:
             return []
         try:
             if self.durable:
-                _flush_files([st.tmp for st in staged if not st.flushed])
+                pending = [st for st in staged if not st.flushed]
+                _flush_batch([st.tmp for st in pending], sum(st.size for st in pending), self.instances_dir)
         except BaseException:
             self.discard_staged(staged)
             raise
@@ -1373,18 +1374,6 @@ class Store:
                 raise
             self._index_many(rows)
         return results
-
-    def flush_staged(self, staged: StagedInstance) -> StagedInstance:
-        """fdatasync one staged file now (callers overlap many of these); the commit then skips it.
-
-        Raises
-        ------
-        OSError
-            When the flush fails.
-        """
-        if self.durable and not staged.flushed:
-            _flush_files([staged.tmp])
-        return dataclasses.replace(staged, flushed=True)
 
     def discard_staged(self, staged: Sequence[StagedInstance]) -> None:
         """Remove staged temp files (a failed or abandoned batch)."""
@@ -1811,9 +1800,49 @@ def _start_writeback(fd: int) -> None:
             pass
 
 
-#: Threads that flush a staged batch. Concurrent fdatasyncs share the file system's journal commits,
-#: and unlike syncfs they flush nothing but the batch (not other programs' dirty data).
+#: Threads that flush a staged batch file by file. Concurrent fdatasyncs share the file system's journal
+#: commits, and unlike syncfs they flush nothing but the batch (not other programs' dirty data).
 FLUSH_THREADS = 8
+
+#: Other data waiting to be written back (machine-wide, beyond the batch's own) below which a staged batch
+#: is flushed with one syncfs(2) instead of one fdatasync per file.
+SYNCFS_OTHER_BYTES = 64 * 1024 * 1024
+
+
+def _writeback_pending_bytes() -> int | None:
+    """Dirty + Writeback from /proc/meminfo (bytes), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            total = 0
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name in ("Dirty", "Writeback"):
+                    total += int(rest.split()[0]) * 1024
+            return total
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _flush_batch(paths: Sequence[Path], batch_bytes: int, root: Path) -> None:
+    """Make a batch of written files durable (a pull's instances; their write-back was started when written).
+
+    When the machine has little else to write back (:data:`SYNCFS_OTHER_BYTES`), one syncfs of the file
+    system does it: it writes the files' inodes together and flushes the disk cache once, where an
+    fdatasync per file flushes it once per file (measured by hand for 300 files: 11 ms against 28 ms at the
+    end of a pull). Otherwise syncfs would first have to write other programs' data, so the files are
+    flushed one by one (:func:`_flush_files`), which waits for nothing but them.
+
+    Raises
+    ------
+    OSError
+        When a flush fails.
+    """
+    if len(paths) > 1:
+        pending = _writeback_pending_bytes()
+        if pending is not None and pending - batch_bytes < SYNCFS_OTHER_BYTES:
+            syncfs(root)
+            return
+    _flush_files(paths)
 
 
 def _flush_files(paths: Sequence[Path]) -> None:

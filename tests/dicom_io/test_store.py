@@ -423,3 +423,34 @@ def test_journaled_instance_whose_placement_fails_waits_in_the_journal(tmp_path:
     assert rec is not None and rec.path.read_bytes() == series.paths[0].read_bytes()
     store.close()
     assert read_journal(root / "journal")[2] == []
+
+
+def test_a_staged_batch_is_flushed_with_one_syncfs_only_when_little_else_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull's batch: one syncfs when the machine has little other data to write back, else one fdatasync per
+    file (syncfs would first write other programs' data); either way the batch is then renamed and indexed."""
+    from dicom_io import store as store_mod
+
+    store = Store.open(tmp_path / "store", durable=True)
+    calls: list[tuple[str, object]] = []
+    real_syncfs, real_files = store_mod.syncfs, store_mod._flush_files
+
+    def syncfs(root: Path) -> None:
+        if root == store.instances_dir:
+            calls.append(("syncfs", root))
+        real_syncfs(root)
+
+    monkeypatch.setattr(store_mod, "syncfs", syncfs)
+    monkeypatch.setattr(store_mod, "_flush_files", lambda paths: calls.append(("files", len(paths))) or real_files(paths))
+    src = peers.make_ct_series(tmp_path / "src", n=9, rows=16, cols=16)
+    staged = [store.stage(p.read_bytes(), InstanceInfo.from_file(p)) for p in src.paths]
+    batches = [staged[0:3], staged[3:6], staged[6:9]]
+    for pending, batch in zip((0, 10 << 30, None), batches):
+        monkeypatch.setattr(store_mod, "_writeback_pending_bytes", lambda pending=pending: pending)
+        assert not any(r.duplicate for r in store.commit_staged(batch))
+    assert calls == [("syncfs", store.instances_dir), ("files", 3), ("files", 3)]
+    assert {r.sop_instance_uid for r in store.instances(src.series_uid)} == set(src.sop_uids)
+    assert not list(store.instances_dir.rglob("*.partial"))
+    pending = store_mod._writeback_pending_bytes()  # the real reading
+    assert pending is None or pending >= 0
+    store.close()
