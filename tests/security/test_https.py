@@ -81,3 +81,27 @@ def test_https_settings_errors(tmp_path: Path) -> None:
         HttpServer(object(), "127.0.0.1", 0, tls_cert=str(tmp_path / "missing.pem"))
     with pytest.raises(ConfigurationError, match="http.tls_cert is empty"):
         HttpServer(object(), "127.0.0.1", 0, tls_key=str(tmp_path / "k.pem"))
+
+
+def test_a_series_is_pulled_over_https_with_verification(start_node: Any, tmp_path: Path) -> None:
+    """The whole-series read (standard library client) over HTTPS: the archive's certificate is verified
+    against the configured CA and the bearer token is sent; a client that does not trust the CA pulls nothing."""
+    from dicom_io.dicomweb import DicomwebClient, make_auth
+    from dicom_io.phantom import write_phantom_series
+    from dicom_io.scu import Peer, send_instances
+    from dicom_io.store import Store
+
+    ca = peers.make_test_ca(tmp_path / "ca")
+    node = _https_node(start_node, tmp_path, ca, mutual=False)
+    ph = write_phantom_series(tmp_path / "ph", shape=(6, 32, 32))
+    assert all(r.ok for r in send_instances(Peer("AINODE", "127.0.0.1", node.port, calling_ae_title="SCU"), ph.paths))
+    base = f"https://127.0.0.1:{node.service.http_address[1]}/dicomweb"
+    store = Store.open(tmp_path / "pulled", durable=True)
+    with DicomwebClient(base, auth=make_auth("bearer", token="tok-https"),
+                        verify=ssl.create_default_context(cafile=str(ca["ca"]))) as client:
+        result = client.pull_series(store, ph.study_instance_uid, ph.series_instance_uid)
+    assert result.complete and result.stored == 6, result
+    with DicomwebClient(base, auth=make_auth("bearer", token="tok-https")) as client:  # default CAs only
+        result = client.pull_series(store, ph.study_instance_uid, "1.2.826.0.1.3680043.8.498.1")
+    assert result.error and "CERTIFICATE_VERIFY_FAILED" in result.error and result.stored == 0
+    store.close()
