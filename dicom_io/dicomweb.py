@@ -508,6 +508,7 @@ class DicomwebClient:
                                                context=self._direct_tls())
         else:
             conn = http.client.HTTPConnection(host, parts.port or 80, timeout=self._timeout)
+
         def failed(exc: BaseException) -> DicomwebError:
             return DicomwebError(f"WADO-RS {path} from {self.wado_url} failed: {exc or type(exc).__name__}")
 
@@ -844,8 +845,8 @@ class StoreFull(DicomwebError):
 class _StoreSink:
     """Receives WADO-RS parts. Each is checked on the thread that received it, then written as a temp file
     by one writer thread, its write-back started at once so the disk works while the stream goes on.
-    :meth:`commit` then makes the whole batch durable and visible at once: fdatasyncs on a few threads,
-    renames, directory fsyncs, one index transaction. Nothing is reported stored before that.
+    :meth:`commit` then makes the whole batch durable and visible at once (:meth:`Store.commit_staged`: one
+    flush of the batch, renames, directory fsyncs, one index transaction). Nothing is reported stored before.
 
     One writer rather than a pool, and the flushes at the end rather than during the stream: on two cores
     both cost less CPU (fewer threads contending for the GIL and the series folder), and the pull took

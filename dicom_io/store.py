@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import json
@@ -800,7 +799,6 @@ class StagedInstance:
     calling_ae_title: str
     kind: str
     received_at: float
-    flushed: bool = False
 
 
 @dataclass(frozen=True)
@@ -1302,14 +1300,12 @@ class Store:
         *,
         calling_ae_title: str = "",
         kind: str = KIND_RECEIVED,
-        flush: bool = False,
     ) -> StagedInstance | PutResult:
         """Write an instance as a temp file; :meth:`commit_staged` makes a batch durable and visible.
 
         Nothing staged is visible or acknowledged before the commit; a crash leaves only ``*.partial``
-        files, which recovery deletes. With ``flush`` the file is fdatasync'ed now (callers staging
-        on several threads overlap these flushes with the rest of their transfer); otherwise its
-        write-back is started and the commit flushes it. Returns a :class:`PutResult`
+        files, which recovery deletes. The file's write-back is started now, so the disk works while the
+        rest of the batch arrives; the commit flushes it. Returns a :class:`PutResult`
         (``duplicate=True``) for an instance the store already holds.
 
         Raises
@@ -1324,10 +1320,8 @@ class Store:
             return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
         self.check_space()
         series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
-        # Flush now, or at least start the write-back, so the disk works while the rest of the batch arrives.
-        flush = flush and self.durable
-        tmp, size = self._write_tmp(series_dir, info, parts, flush=flush, writeback=self.durable and not flush)
-        return StagedInstance(info, tmp, size, calling_ae_title, kind, time.time(), flush)
+        tmp, size = self._write_tmp(series_dir, info, parts, flush=False, writeback=self.durable)
+        return StagedInstance(info, tmp, size, calling_ae_title, kind, time.time())
 
     def commit_staged(self, staged: Sequence[StagedInstance]) -> list[PutResult]:
         """Make staged instances durable and visible together: one flush of the batch (:func:`_flush_batch`),
@@ -1342,8 +1336,7 @@ class Store:
             return []
         try:
             if self.durable:
-                pending = [st for st in staged if not st.flushed]
-                _flush_batch([st.tmp for st in pending], sum(st.size for st in pending), self.instances_dir)
+                _flush_batch([st.tmp for st in staged], sum(st.size for st in staged), self.instances_dir)
         except BaseException:
             self.discard_staged(staged)
             raise

@@ -530,9 +530,8 @@ def build_cached(cache_dir: Path | None, exports: dict[str, Any], modules: list[
                        " + ".join(exports), brief(exc), ", ".join(p.name for p in cached))
         for path in cached:
             path.unlink(missing_ok=True)
-        folder = Path(cache_dir) / "onnx" if cache_dir is not None else None
-        for name in used if folder is not None else []:
-            for old in folder.glob(f"{name}-*.ref.npz"):  # type: ignore[union-attr]
+        for name in used:  # the references sit beside the cached exports
+            for old in cached[0].parent.glob(f"{name}-*.ref.npz"):
                 old.unlink(missing_ok=True)
         graphs, _ = load()
         return build(graphs, reference)

@@ -35,7 +35,6 @@ INTERACTIVE, BATCH, BACKGROUND = 0, 1, 2
 _KEEP_FINISHED = 256
 
 
-
 def _freeze_long_lived() -> None:
     """Leave everything alive now (torch, the model, the node's modules) out of later garbage collections.
 
@@ -49,6 +48,7 @@ def _freeze_long_lived() -> None:
     gc.freeze()
     logger.info("%d long-lived objects left out of garbage collection (%.2f s)", gc.get_freeze_count(),
                 time.perf_counter() - t0)
+
 
 class QueueFullError(NodeError):
     """The model's queue is full; retry after ``retry_after`` seconds."""
