@@ -1300,13 +1300,15 @@ class Store:
         *,
         calling_ae_title: str = "",
         kind: str = KIND_RECEIVED,
+        check_duplicate: bool = True,
     ) -> StagedInstance | PutResult:
         """Write an instance as a temp file; :meth:`commit_staged` makes a batch durable and visible.
 
         Nothing staged is visible or acknowledged before the commit; a crash leaves only ``*.partial``
         files, which recovery deletes. The file's write-back is started now, so the disk works while the
         rest of the batch arrives; the commit flushes it. Returns a :class:`PutResult`
-        (``duplicate=True``) for an instance the store already holds.
+        (``duplicate=True``) for an instance the store already holds, unless ``check_duplicate`` is
+        False (the caller knows the series' instances; :meth:`commit_staged` checks the index again).
 
         Raises
         ------
@@ -1315,9 +1317,10 @@ class Store:
         """
         _check_uids(info)
         parts = [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else list(chunks)
-        existing = self._row(info.sop_instance_uid)
-        if existing is not None and existing.path.exists():
-            return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
+        if check_duplicate:
+            existing = self._row(info.sop_instance_uid)
+            if existing is not None and existing.path.exists():
+                return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
         self.check_space()
         series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
         tmp, size = self._write_tmp(series_dir, info, parts, flush=False, writeback=self.durable)
@@ -1345,9 +1348,10 @@ class Store:
         dirs: set[Path] = set()
         with self._lock:
             try:
+                held = self._rows([st.info.sop_instance_uid for st in staged])
                 for st in staged:
                     uid = st.info.sop_instance_uid
-                    existing = self._row(uid)
+                    existing = held.get(uid)
                     if existing is not None and existing.path.exists():
                         _unlink_quietly(st.tmp)
                         results.append(PutResult(uid, existing.path, existing.size, duplicate=True))
@@ -1447,6 +1451,17 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone()
         return _instance(row) if row else None
+
+    def _rows(self, sop_instance_uids: Sequence[str]) -> dict[str, InstanceRecord]:
+        """The index rows of these instances (those that have one), by SOP Instance UID; one query per 500."""
+        found: dict[str, InstanceRecord] = {}
+        with self._lock:
+            for i in range(0, len(sop_instance_uids), 500):
+                chunk = sop_instance_uids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(f"SELECT * FROM instances WHERE sop_instance_uid IN ({marks})", chunk):
+                    found[row["sop_instance_uid"]] = _instance(row)
+        return found
 
     def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         self.settle()
