@@ -196,6 +196,9 @@ class StoreSettings:
     #: Size in MB of the pre-allocated acknowledgement journal of a serving node (instances are flushed
     #: once into it before Success, placed files are flushed in batches); 0 = flush every file on its own.
     journal_mb: int = 64
+    #: Empty files a serving node keeps created in advance (``<store>/spare/``, refilled when idle) for pulled
+    #: instances to be written into, so that a pull does not wait for the file system to create each file; 0 = off.
+    spare_files: int = 1024
 
 
 @dataclass(frozen=True)

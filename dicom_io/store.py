@@ -799,6 +799,8 @@ class StagedInstance:
     calling_ae_title: str
     kind: str
     received_at: float
+    #: ``tmp`` is a spare file (:meth:`Store.start_spares`), not a ``.partial`` file in the series folder.
+    spare: bool = False
 
 
 @dataclass(frozen=True)
@@ -866,11 +868,21 @@ class RetentionReport:
     kept_undelivered: int = 0
 
 
+#: Empty files a serving node keeps created in advance for pulls (:meth:`Store.start_spares`).
+SPARE_FILES = 1024
+
+#: The spare pool is refilled once no spare has been taken for this long (a transfer has ended).
+SPARE_IDLE_SECONDS = 0.5
+
+_SPARE_NAME = re.compile(r"(\d{1,18})\.spare")
+
+
 class Store:
     """The node's durable instance store and its SQLite index.
 
     Layout under ``root``: ``instances/<study>/<series>/<sop>.dcm``, ``quarantine/`` (refused
-    data with a ``.json`` reason), ``index.sqlite`` (WAL). The files are the source of truth:
+    data with a ``.json`` reason), ``index.sqlite`` (WAL), ``journal/`` (:meth:`start_journal`),
+    ``spare/`` (empty files for pulls, :meth:`start_spares`). The files are the source of truth:
     :meth:`recover` rebuilds missing index rows from them.
 
     Durability contract of :meth:`put`: when it returns, the instance survives ``kill -9`` and power
@@ -915,6 +927,15 @@ class Store:
         self._kicked = False
         self._placer_thread: threading.Thread | None = None
         self._journal_after: int | None = None  # highest journal sequence number, once replayed
+        # Spare files for staging (see start_spares).
+        self._spares: deque[Path] = deque()
+        self._spare_cv = threading.Condition()
+        self._spare_fd: int | None = None
+        self._spare_target = 0
+        self._spare_next = 0
+        self._spare_taken_at = 0.0
+        self._spare_stop = False
+        self._spare_thread: threading.Thread | None = None
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         # WAL; NORMAL sync is enough because the index is rebuilt from the fsynced files on recovery.
@@ -961,10 +982,170 @@ class Store:
             self._owner_fd = None
 
     def close(self) -> None:
+        self.stop_spares()
         self.stop_journal()
         with self._lock:
             self._db.close()
         self.release_owner_lock()
+
+    # --- spare files ----------------------------------------------------------------------------
+
+    @property
+    def spare_dir(self) -> Path:
+        return self.root / "spare"
+
+    def start_spares(self, count: int = SPARE_FILES) -> bool:
+        """Keep ``count`` empty files created in advance (``<root>/spare/``) for :meth:`stage` to write into.
+
+        Creating a file is the part of writing a pulled instance that costs most when the file system has
+        freed many inodes lately (ext4 without a journal scans past each one freed in the last minutes; see
+        docs/dicomweb.md). A pull writes into spare files instead, and :meth:`commit_staged` renames them into
+        place; the pool is refilled by a low-priority thread once no spare has been taken for
+        :data:`SPARE_IDLE_SECONDS`. When the pool is empty, :meth:`stage` creates its files as before.
+
+        One process uses a store's pool at a time (a lock on ``spare/.lock``); spares written but never
+        committed (a crash) are emptied here. Returns False when another process holds the pool or
+        ``count`` is 0 (files are then created as they arrive).
+        """
+        if count <= 0 or self._spare_fd is not None:
+            return self._spare_fd is not None
+        try:
+            self.spare_dir.mkdir(exist_ok=True)
+            if self.spare_dir.stat().st_dev != self.instances_dir.stat().st_dev:  # renames could not move them
+                logger.warning("Spare files unavailable: %s and %s are on different file systems", self.spare_dir,
+                               self.instances_dir)
+                return False
+            fd = os.open(self.spare_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            logger.warning("Spare files unavailable (%s); files are created as instances arrive", exc)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            logger.info("Spare files of store %s are in use by another process", self.root)
+            return False
+        ready, top = self._reclaim_spares()
+        with self._spare_cv:
+            self._spare_fd = fd
+            self._spares.extend(ready)
+            self._spare_next = top + 1
+            self._spare_target = count
+            self._spare_stop = False
+        self._spare_thread = threading.Thread(target=self._spare_loop, name="store-spares", daemon=True)
+        self._spare_thread.start()
+        return True
+
+    def stop_spares(self) -> None:
+        """Stop refilling and release the pool (its files stay for the next owner)."""
+        with self._spare_cv:
+            self._spare_stop = True
+            self._spare_cv.notify_all()
+            thread, self._spare_thread = self._spare_thread, None
+        if thread is not None:
+            thread.join()
+        with self._spare_cv:
+            self._spares.clear()
+            fd, self._spare_fd = self._spare_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+    def spares_ready(self) -> int:
+        """How many spare files are ready now."""
+        with self._spare_cv:
+            return len(self._spares)
+
+    def wait_spares(self, timeout: float = 60.0) -> bool:
+        """Wait until the pool is full (after :meth:`start_spares`); False on timeout or without a pool."""
+        deadline = time.monotonic() + timeout
+        with self._spare_cv:
+            while self._spare_fd is not None and len(self._spares) < self._spare_target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._spare_cv.wait(left)
+            return self._spare_fd is not None
+
+    def _reclaim_spares(self) -> tuple[list[Path], int]:
+        """The spare files on disk (emptied when a crash left data in them) and the highest number in use."""
+        ready: list[Path] = []
+        top = 0
+        for entry in os.scandir(self.spare_dir):
+            m = _SPARE_NAME.fullmatch(entry.name)
+            if not m:
+                continue
+            top = max(top, int(m.group(1)))
+            path = Path(entry.path)
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if st.st_nlink > 1:  # also linked as an instance (a rename cut short): not ours to empty
+                    os.unlink(path)
+                    continue
+                if st.st_size:
+                    os.truncate(path, 0)
+            except OSError as exc:
+                logger.warning("Spare file %s unusable (%s); skipped", path.name, exc)
+                continue
+            ready.append(path)
+        ready.sort()
+        return ready, top
+
+    def _take_spare(self) -> Path | None:
+        with self._spare_cv:
+            if not self._spares:
+                return None
+            self._spare_taken_at = time.monotonic()
+            if len(self._spares) >= self._spare_target:
+                self._spare_cv.notify_all()  # the refiller waits untimed while the pool is full
+            return self._spares.popleft()
+
+    def _give_back_spare(self, path: Path) -> None:
+        """Return a staged spare that will not be committed to the pool, emptied (or drop it)."""
+        try:
+            os.truncate(path, 0)
+        except OSError:
+            _unlink_quietly(path)
+            return
+        with self._spare_cv:
+            if self._spare_fd is None:
+                return  # the pool is closed; the file waits for the next owner
+            self._spares.append(path)
+
+    def _spare_loop(self) -> None:
+        try:  # Linux: a thread's own nice value; creating files must not slow a transfer in progress
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (OSError, AttributeError):
+            pass
+        while True:
+            with self._spare_cv:
+                while True:
+                    if self._spare_stop:
+                        return
+                    if len(self._spares) >= self._spare_target:
+                        self._spare_cv.wait()
+                        continue
+                    idle = time.monotonic() - self._spare_taken_at
+                    if idle < SPARE_IDLE_SECONDS:
+                        self._spare_cv.wait(SPARE_IDLE_SECONDS - idle)
+                        continue
+                    break
+                n = self._spare_next
+                self._spare_next += 1
+            path = self.spare_dir / f"{n:08d}.spare"
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+            except FileExistsError:
+                continue
+            except OSError as exc:  # e.g. out of inodes: try again later
+                logger.warning("Cannot create spare file %s (%s); retrying in a minute", path.name, exc)
+                with self._spare_cv:
+                    self._spare_cv.wait(60.0)
+                continue
+            with self._spare_cv:
+                if self._spare_stop:
+                    return  # the file stays for the next owner
+                self._spares.append(path)
+                self._spare_cv.notify_all()
 
     # --- acknowledgement journal --------------------------------------------------------------
 
@@ -1245,12 +1426,16 @@ class Store:
                 f"{self.min_free_bytes / 1e6:.1f} MB reserved)", str(self.instances_dir))
 
     def _write_tmp(self, series_dir: Path, info: InstanceInfo, parts: Sequence[bytes | bytearray | memoryview], *,
-                   flush: bool, writeback: bool = False) -> tuple[Path, int]:
-        """Write ``.<sop>.<random>.partial`` in ``series_dir``; fdatasync'ed when ``flush``. Removed on error."""
-        tmp = series_dir / f".{info.sop_instance_uid}.{secrets.token_hex(4)}.partial"
+                   flush: bool, writeback: bool = False, spare: Path | None = None) -> tuple[Path, int]:
+        """Write ``.<sop>.<random>.partial`` in ``series_dir`` (or into the empty file ``spare``); fdatasync'ed
+        when ``flush``. Removed on error."""
+        tmp = spare or series_dir / f".{info.sop_instance_uid}.{secrets.token_hex(4)}.partial"
         size = 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            if spare is not None:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+            else:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 for part in parts:
                     view = memoryview(part).cast("B")
@@ -1323,8 +1508,9 @@ class Store:
                 return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
         self.check_space()
         series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
-        tmp, size = self._write_tmp(series_dir, info, parts, flush=False, writeback=self.durable)
-        return StagedInstance(info, tmp, size, calling_ae_title, kind, time.time())
+        spare = self._take_spare()
+        tmp, size = self._write_tmp(series_dir, info, parts, flush=False, writeback=self.durable, spare=spare)
+        return StagedInstance(info, tmp, size, calling_ae_title, kind, time.time(), spare=spare is not None)
 
     def commit_staged(self, staged: Sequence[StagedInstance]) -> list[PutResult]:
         """Make staged instances durable and visible together: one flush of the batch (:func:`_flush_batch`),
@@ -1353,12 +1539,14 @@ class Store:
                     uid = st.info.sop_instance_uid
                     existing = held.get(uid)
                     if existing is not None and existing.path.exists():
-                        _unlink_quietly(st.tmp)
+                        self._drop_staged(st)
                         results.append(PutResult(uid, existing.path, existing.size, duplicate=True))
                         continue
-                    final = st.tmp.parent / f"{uid}.dcm"
+                    final = self.instances_dir / st.info.study_instance_uid / st.info.series_instance_uid / f"{uid}.dcm"
                     os.rename(st.tmp, final)
                     dirs.add(final.parent)
+                    if st.spare:
+                        dirs.add(st.tmp.parent)  # its name is gone from spare/ too
                     rows.append((st.info, final, st.size, st.received_at, st.calling_ae_title, st.kind))
                     results.append(PutResult(uid, final, st.size, duplicate=False))
                 if self.durable:
@@ -1373,8 +1561,14 @@ class Store:
         return results
 
     def discard_staged(self, staged: Sequence[StagedInstance]) -> None:
-        """Remove staged temp files (a failed or abandoned batch)."""
+        """Remove staged temp files (a failed or abandoned batch); spare files go back to the pool, emptied."""
         for st in staged:
+            self._drop_staged(st)
+
+    def _drop_staged(self, st: StagedInstance) -> None:
+        if st.spare and st.tmp.parent == self.spare_dir:
+            self._give_back_spare(st.tmp)
+        else:
             _unlink_quietly(st.tmp)
 
     def put_file(self, path: str | os.PathLike[str], *, kind: str = KIND_RESULT, calling_ae_title: str = "") -> PutResult:

@@ -88,6 +88,7 @@ class NodeService:
                         "removed, %d re-indexed)", s.store_path, store.count(), report.replayed,
                         report.partials_removed, report.reindexed)
             store.start_journal(s.store.journal_mb * 1024**2)
+            store.start_spares(s.store.spare_files)
             self.outbox = open_outbox(s, store)
             self.outbox.release_claims()
             # Crash leftovers: spooled parts of transfers in flight and upload folders (never

@@ -39,7 +39,8 @@ def node_settings(data_dir: Path, **dimse: object) -> Settings:
     return Settings(
         data_dir=str(data_dir),
         dimse=DimseSettings(host="127.0.0.1", port=free_port(), **dimse),  # type: ignore[arg-type]
-        store=StoreSettings(stable_after_seconds=0.5, stable_poll_seconds=0.1, min_free_gb=0.0),
+        # A small spare pool: the tests' series are small, and 1024 files per node would only churn /tmp.
+        store=StoreSettings(stable_after_seconds=0.5, stable_poll_seconds=0.1, min_free_gb=0.0, spare_files=32),
         outbox=OutboxSettings(retry_base_seconds=0.2, retry_max_seconds=1.0, poll_seconds=0.1),
         http=HttpSettings(host="127.0.0.1", port=0),  # no HTTP server unless a test asks for one
     )

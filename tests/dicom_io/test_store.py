@@ -454,3 +454,91 @@ def test_a_staged_batch_is_flushed_with_one_syncfs_only_when_little_else_waits(
     pending = store_mod._writeback_pending_bytes()  # the real reading
     assert pending is None or pending >= 0
     store.close()
+
+
+def test_staging_writes_into_spare_files_and_commits_them_into_place(tmp_path: Path) -> None:
+    """With a spare pool, staged instances are written into files created in advance and renamed into the series
+    folder at the commit; the pool is refilled once no spare has been taken for a while."""
+    from dicom_io import store as store_mod
+
+    store = Store.open(tmp_path / "store")
+    assert store.start_spares(6)
+    assert store.wait_spares(30) and store.spares_ready() == 6
+    spares_before = {p.stat().st_ino: p.name for p in store.spare_dir.glob("*.spare")}
+    src = peers.make_ct_series(tmp_path / "src", n=4, rows=16, cols=16)
+    staged = [store.stage(p.read_bytes(), InstanceInfo.from_file(p)) for p in src.paths]
+    assert all(isinstance(st, store_mod.StagedInstance) and st.spare for st in staged)
+    assert store.spares_ready() <= 2  # taken (the refill waits for the store to be idle)
+    assert not list(store.instances_dir.rglob("*.dcm"))  # nothing visible before the commit
+    results = store.commit_staged(staged)  # type: ignore[arg-type]
+    assert not any(r.duplicate for r in results)
+    for path, r in zip(src.paths, results):
+        assert r.path.read_bytes() == path.read_bytes()
+        assert r.path.parent == store.instances_dir / src.study_uid / src.series_uid
+        assert r.path.stat().st_ino in spares_before  # the very file created in advance
+    assert {r.sop_instance_uid for r in store.instances(src.series_uid)} == set(src.sop_uids)
+    assert store.wait_spares(30) and store.spares_ready() == 6  # refilled
+    assert all(p.stat().st_size == 0 for p in store.spare_dir.glob("*.spare"))
+    store.close()
+
+
+def test_spare_pool_runs_dry_then_files_are_created(tmp_path: Path) -> None:
+    from dicom_io import store as store_mod
+
+    store = Store.open(tmp_path / "store")
+    assert store.start_spares(2) and store.wait_spares(30)
+    src = peers.make_ct_series(tmp_path / "src", n=5, rows=16, cols=16)
+    staged = [store.stage(p.read_bytes(), InstanceInfo.from_file(p)) for p in src.paths]
+    assert [st.spare for st in staged] == [True, True, False, False, False]  # type: ignore[union-attr]
+    assert all(isinstance(st, store_mod.StagedInstance) for st in staged)
+    store.commit_staged(staged)  # type: ignore[arg-type]
+    assert store.count() == 5 and not list(store.instances_dir.rglob("*.partial"))
+    store.close()
+
+
+def test_discarded_and_duplicate_spares_go_back_to_the_pool_empty(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store")
+    assert store.start_spares(3) and store.wait_spares(30)
+    src = peers.make_ct_series(tmp_path / "src", n=3, rows=16, cols=16)
+    _put(store, src.paths[0])  # already held: its staged copy is a duplicate at the commit
+    staged = [store.stage(p.read_bytes(), InstanceInfo.from_file(p), check_duplicate=False) for p in src.paths]
+    results = store.commit_staged(staged[:2])  # type: ignore[arg-type]
+    assert [r.duplicate for r in results] == [True, False]
+    store.discard_staged(staged[2:])  # type: ignore[arg-type]
+    assert store.count() == 2
+    names = sorted(p.name for p in store.spare_dir.glob("*.spare"))
+    assert all((store.spare_dir / n).stat().st_size == 0 for n in names)
+    assert store.spares_ready() >= 2  # the duplicate's and the discarded one's spare files, emptied
+    store.close()
+
+
+def test_spares_left_with_data_by_a_crash_are_emptied_and_one_process_owns_the_pool(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store")
+    assert store.start_spares(3) and store.wait_spares(30)
+    other = Store.open(tmp_path / "store")
+    assert not other.start_spares(3)  # the pool has one owner at a time; the other creates its files
+    src = peers.make_ct_series(tmp_path / "src", n=1, rows=16, cols=16)
+    st = other.stage(src.paths[0].read_bytes(), InstanceInfo.from_file(src.paths[0]))
+    assert not st.spare  # type: ignore[union-attr]
+    other.discard_staged([st])  # type: ignore[list-item]
+    other.close()
+    # A crash after writing into a spare file, before the commit: the file keeps its data, nothing is indexed.
+    crashed = store.stage(src.paths[0].read_bytes(), InstanceInfo.from_file(src.paths[0]))
+    assert crashed.spare and crashed.tmp.stat().st_size > 0  # type: ignore[union-attr]
+    # A rename cut short by a crash: a spare name still linked to an instance's file.
+    other_series = peers.make_ct_series(tmp_path / "src2", n=1, rows=16, cols=16)
+    linked = store.instances_dir / other_series.study_uid / other_series.series_uid / f"{other_series.sop_uids[0]}.dcm"
+    linked.parent.mkdir(parents=True)
+    linked.write_bytes(other_series.paths[0].read_bytes())
+    os.link(linked, store.spare_dir / "99.spare")
+    store.stop_spares()  # the process "dies": the pool is released as it was
+    again = Store.open(tmp_path / "store")  # recovery indexes the complete file, as any unindexed one
+    assert again.start_spares(3)
+    assert crashed.tmp.stat().st_size == 0  # type: ignore[union-attr]  # emptied, back in the pool
+    assert not (store.spare_dir / "99.spare").exists()  # unlinked, not emptied
+    assert linked.read_bytes() == other_series.paths[0].read_bytes()
+    assert again.wait_spares(30) and again.spares_ready() >= 3
+    assert not again.instances(src.series_uid)  # the crashed staging never became visible
+    assert [r.sop_instance_uid for r in again.instances(other_series.series_uid)] == other_series.sop_uids
+    again.close()
+    store.close()

@@ -158,13 +158,16 @@ def integrity_check(db: Path) -> str:
 
 
 def assert_consistent(data_dir: Path) -> None:
-    """Every SQLite file is intact; no partial file, spooled part or upload folder is left behind."""
+    """Every SQLite file is intact; no partial file, spooled part or upload folder is left behind, and no spare
+    file of the store holds data (a pull cut short had written into them: emptied when the node starts)."""
     for db in ("store/index.sqlite", "outbox.sqlite", "origins.sqlite"):
         path = data_dir / db
         if path.exists():
             assert integrity_check(path) == "ok", db
     leftovers = [p for p in data_dir.rglob("*.partial")]
     assert not leftovers, leftovers
+    written = [p for p in (data_dir / "store" / "spare").glob("*.spare") if p.stat().st_size]
+    assert not written, written
     for folder in (data_dir / "store" / "spool", data_dir / "uploads"):
         if folder.exists():
             assert not list(folder.iterdir()), list(folder.iterdir())

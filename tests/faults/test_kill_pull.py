@@ -28,9 +28,14 @@ def test_kill_9_during_a_pull_then_the_pull_resumes(tmp_path: Path) -> None:
 kind = "dicomweb"
 url = "http://127.0.0.1:{proxy.port}/dicom-web"
 timeout = 30
+
+[store]
+spare_files = 100
 """)
         data_dir = tmp_path / "data"
         node = start_node(data_dir, config=config)
+        spare = data_dir / "store" / "spare"
+        wait_for(lambda: len(list(spare.glob("*.spare"))) >= 100, 60, "the spare files to be created")
         body = {"series": {"series_instance_uid": series.series_uid, "study_instance_uid": series.study_uid,
                            "archive": "ARCHIVE"}}
         answers: list[object] = []
@@ -50,9 +55,10 @@ timeout = 30
         client.join(30)
         assert answers and isinstance(answers[0], OSError), answers  # nothing was answered
         held = indexed_sops(data_dir, series.series_uid)
+        assert any(p.stat().st_size for p in spare.glob("*.spare"))  # the pull was writing into spare files
 
         node = node.restart()
-        assert_consistent(data_dir)
+        assert_consistent(data_dir)  # (and the spare files it had written are empty again)
         recovered = indexed_sops(data_dir, series.series_uid)
         assert held <= recovered  # recovery kept every stored instance
         assert len(recovered) < len(series.paths)  # (a pull's instances become visible together, at its end)
