@@ -843,7 +843,8 @@ class _StoreSink:
     renames, directory fsyncs, one index transaction). Nothing is reported stored before.
 
     No writer thread: on two cores handing each part to one (a queue, the GIL going back and forth) cost more
-    than the write itself, and the pull took ~0.20 s instead of ~0.17 s (docs/benchmarks.md, "Pull").
+    than the write itself; with one, the benchmark's pull took ~0.20 s instead of ~0.17 s (docs/benchmarks.md,
+    "Pull").
 
     ``held`` are the SOP Instance UIDs the store held of the series when the pull started: those are not
     written again (the commit checks the index once more for instances stored meanwhile).

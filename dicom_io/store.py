@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat as statmod
 import struct
 import threading
 import time
@@ -1078,7 +1079,8 @@ class Store:
             path = Path(entry.path)
             try:
                 st = entry.stat(follow_symlinks=False)
-                if st.st_nlink > 1:  # also linked as an instance (a rename cut short): not ours to empty
+                if not statmod.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                    # Not a plain file, or also linked as an instance (a rename cut short): not ours to empty.
                     os.unlink(path)
                     continue
                 if st.st_size:
@@ -1433,7 +1435,7 @@ class Store:
         size = 0
         try:
             if spare is not None:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             else:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:

@@ -531,11 +531,15 @@ def test_spares_left_with_data_by_a_crash_are_emptied_and_one_process_owns_the_p
     linked.parent.mkdir(parents=True)
     linked.write_bytes(other_series.paths[0].read_bytes())
     os.link(linked, store.spare_dir / "99.spare")
+    outside = tmp_path / "outside.bin"  # and something that is not a plain file: never followed
+    outside.write_bytes(b"not the store's")
+    os.symlink(outside, store.spare_dir / "98.spare")
     store.stop_spares()  # the process "dies": the pool is released as it was
     again = Store.open(tmp_path / "store")  # recovery indexes the complete file, as any unindexed one
     assert again.start_spares(3)
     assert crashed.tmp.stat().st_size == 0  # type: ignore[union-attr]  # emptied, back in the pool
     assert not (store.spare_dir / "99.spare").exists()  # unlinked, not emptied
+    assert not os.path.lexists(store.spare_dir / "98.spare") and outside.read_bytes() == b"not the store's"
     assert linked.read_bytes() == other_series.paths[0].read_bytes()
     assert again.wait_spares(30) and again.spares_ready() >= 3
     assert not again.instances(src.series_uid)  # the crashed staging never became visible
