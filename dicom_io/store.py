@@ -1900,29 +1900,32 @@ class Store:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for info, path, size, when, calling_ae_title, kind in rows:
-                db.execute(
-                    "INSERT OR REPLACE INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, "
-                    "study_instance_uid, transfer_syntax_uid, instance_number, path, size, received_at, "
-                    "calling_ae_title, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (info.sop_instance_uid, info.sop_class_uid, info.series_instance_uid, info.study_instance_uid,
-                     info.transfer_syntax_uid, info.instance_number, str(path), size, when, calling_ae_title, kind),
-                )
-                db.execute(
-                    "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number, "
-                    "series_description, calling_ae_title, kind, first_received, last_received, stable_at) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(series_instance_uid) DO UPDATE SET "
-                    "last_received=MAX(last_received, excluded.last_received), stable_at=excluded.stable_at",
-                    (info.series_instance_uid, info.study_instance_uid, info.modality, info.series_number,
-                     info.series_description, calling_ae_title, kind, when, when,
-                     when if (stable or kind != KIND_RECEIVED) else None),
-                )
-                db.execute(
-                    "INSERT INTO studies (study_instance_uid, study_date, study_description, last_received) "
-                    "VALUES (?,?,?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
-                    "last_received=MAX(last_received, excluded.last_received)",
-                    (info.study_instance_uid, info.study_date, info.study_description, when),
-                )
+            # Row by row in the order given (the last row of a series sets its stable_at), three statements.
+            db.executemany(
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, "
+                "study_instance_uid, transfer_syntax_uid, instance_number, path, size, received_at, "
+                "calling_ae_title, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(info.sop_instance_uid, info.sop_class_uid, info.series_instance_uid, info.study_instance_uid,
+                  info.transfer_syntax_uid, info.instance_number, str(path), size, when, calling_ae_title, kind)
+                 for info, path, size, when, calling_ae_title, kind in rows],
+            )
+            db.executemany(
+                "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number, "
+                "series_description, calling_ae_title, kind, first_received, last_received, stable_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(series_instance_uid) DO UPDATE SET "
+                "last_received=MAX(last_received, excluded.last_received), stable_at=excluded.stable_at",
+                [(info.series_instance_uid, info.study_instance_uid, info.modality, info.series_number,
+                  info.series_description, calling_ae_title, kind, when, when,
+                  when if (stable or kind != KIND_RECEIVED) else None)
+                 for info, _path, _size, when, calling_ae_title, kind in rows],
+            )
+            db.executemany(
+                "INSERT INTO studies (study_instance_uid, study_date, study_description, last_received) "
+                "VALUES (?,?,?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
+                "last_received=MAX(last_received, excluded.last_received)",
+                [(info.study_instance_uid, info.study_date, info.study_description, when)
+                 for info, _path, _size, when, _ae, _kind in rows],
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
