@@ -908,10 +908,7 @@ class _StoreSink:
             logger.exception("Storing retrieved part %d failed", n)
             self.fail(f"part {n}", f"cannot store: {exc}")
             return
-        if not isinstance(staged, StagedInstance):  # the store had it already
-            with self._lock:
-                self.result.duplicates += 1
-            return
+        assert isinstance(staged, StagedInstance)  # (check_duplicate=False: never a PutResult)
         with self._lock:
             self._staged.append(staged)
             held, expected = self.result.held + len(self._staged), self.result.expected

@@ -1568,7 +1568,7 @@ class Store:
             self._drop_staged(st)
 
     def _drop_staged(self, st: StagedInstance) -> None:
-        if st.spare and st.tmp.parent == self.spare_dir:
+        if st.spare:
             self._give_back_spare(st.tmp)
         else:
             _unlink_quietly(st.tmp)
