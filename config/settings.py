@@ -72,9 +72,12 @@ class LiteMedSAMSettings:
     #: Upper intensity percentile mapped to 255 for MR and other non-CT modalities.
     percentile_high: float = 99.5
     #: 3D propagation stops when the model's predicted IoU for a slice falls below this.
-    stop_iou: float = 0.75
+    stop_iou: float = 0.5
     #: ... or when a slice's mask overlaps the previous slice's mask less than this (Dice).
     stop_overlap: float = 0.3
+    #: ... or when the mean intensity under a slice's mask is further than this many standard
+    #: deviations from the object's on the prompted slice (the object has ended).
+    stop_intensity: float = 1.0
     #: Margin (pixels at the model's 256-pixel scale) added to each side of the previous slice's box when propagating.
     box_margin: int = 2
     #: Slices whose embeddings are kept in memory (per process) for follow-up prompts.
