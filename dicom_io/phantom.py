@@ -278,6 +278,80 @@ def write_phantom_series(
     if ts in (JPEG2000Lossless, JPEG2000) and min(rows, cols) < 32:
         raise ValueError(f"JPEG 2000 phantoms need at least 32 rows and columns, not {rows}x{cols}.")
 
+    written = write_volume_series(
+        out_dir, volume, geometry, modality, seed=seed, transfer_syntax=ts, multiframe=multiframe,
+        monochrome1=monochrome1, shuffle_files=shuffle_files,
+        descending_instance_numbers=descending_instance_numbers, patient_name=patient_name,
+        patient_id=patient_id, study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid, frame_of_reference_uid=frame_of_reference_uid,
+        slice_thickness=dz,
+    )
+    paths, study_uid, series_uid, for_uid = (written.paths, written.study_instance_uid,
+                                             written.series_instance_uid, written.frame_of_reference_uid)
+    return Phantom(
+        paths=paths,
+        mask=mask,
+        volume=volume.astype(np.float32),
+        series_instance_uid=series_uid,
+        study_instance_uid=study_uid,
+        frame_of_reference_uid=for_uid,
+        geometry=geometry,
+    )
+
+
+@dataclass(frozen=True)
+class WrittenSeries:
+    """Files and UIDs written by :func:`write_volume_series`."""
+
+    paths: list[Path]
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+
+
+def write_volume_series(
+    out_dir: Path,
+    volume: np.ndarray,
+    geometry: Geometry,
+    modality: str,
+    *,
+    seed: int = 0,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    multiframe: bool = False,
+    monochrome1: bool = False,
+    shuffle_files: bool = True,
+    descending_instance_numbers: bool = False,
+    patient_name: str = "Phantom^Test",
+    patient_id: str = "PHANTOM001",
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    slice_thickness: float | None = None,
+) -> WrittenSeries:
+    """Write a volume in modality units (HU for CT) as a CT or MR series laid out by ``geometry``.
+
+    Used for the phantom and for real volumes (e.g. a NIfTI's voxels written as DICOM so that they
+    go through the node's own DICOM input path). Slice ``k`` of ``volume`` (slices, rows, columns)
+    is written at ``geometry.voxel_to_lps((0, 0, k))`` with the geometry's orientation and spacing.
+    See :func:`write_phantom_series` for the parameters.
+
+    Raises
+    ------
+    ValueError
+        When ``volume`` does not have ``geometry.shape`` or the modality is not CT/MR.
+    """
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"Series modality must be 'CT' or 'MR', not {modality!r}.")
+    if tuple(volume.shape) != tuple(geometry.shape):
+        raise ValueError(f"volume shape {volume.shape} differs from the geometry's {geometry.shape}.")
+    n_slices, rows, cols = (int(v) for v in geometry.shape)
+    a = np.asarray(geometry.affine, dtype=np.float64)
+    dc, dr = float(np.linalg.norm(a[:3, 0])), float(np.linalg.norm(a[:3, 1]))
+    iop = np.concatenate([a[:3, 0] / dc, a[:3, 1] / dr])
+    normal = np.cross(iop[:3], iop[3:])
+    step, origin_v = a[:3, 2], a[:3, 3]
+    dz = float(abs(np.dot(step, normal))) if slice_thickness is None else float(slice_thickness)
+    ts = UID(transfer_syntax)
     study_uid = study_instance_uid or generate_uid()
     series_uid = series_instance_uid or generate_uid()
     for_uid = frame_of_reference_uid or generate_uid()
@@ -340,18 +414,10 @@ def write_phantom_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     logger.info(
-        "Wrote %s phantom series %s: %d slices of %dx%d in %d file(s) to %s",
+        "Wrote %s series %s: %d slices of %dx%d in %d file(s) to %s",
         modality, series_uid, n_slices, rows, cols, len(paths), out_dir,
     )
-    return Phantom(
-        paths=paths,
-        mask=mask,
-        volume=volume.astype(np.float32),
-        series_instance_uid=series_uid,
-        study_instance_uid=study_uid,
-        frame_of_reference_uid=for_uid,
-        geometry=geometry,
-    )
+    return WrittenSeries(paths, study_uid, series_uid, for_uid)
 
 
 def _compress(ds: Dataset, ts: UID) -> None:
