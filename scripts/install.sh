@@ -89,6 +89,29 @@ if [ "$WITH_TEST" = 1 ]; then
     echo "$test_key" > .venv/.ainode-test
   fi
 fi
+# --- Real-data test fixture (install time only) ------------------------------------------------
+# Real CT and MR volumes with reference masks for the accuracy tests and benchmarks/accuracy: the
+# test files of the TotalSegmentator 2.18.0 sdist (PyPI), checked against its SHA-256 and kept in
+# build/fixtures (gitignored). The node never reads them.
+if [ "$WITH_TEST" = 1 ]; then
+  TS_VERSION=2.18.0
+  TS_SHA256=5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03
+  fx=build/fixtures/totalsegmentator-$TS_VERSION
+  if [ ! -f "$fx/.complete" ]; then
+    say "fetching the real-data fixture (totalsegmentator==$TS_VERSION sdist) from PyPI"
+    fx_tmp=$(mktemp -d)
+    "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation "totalsegmentator==$TS_VERSION" -d "$fx_tmp" >/dev/null 2>&1 \
+      || "${PIP[@]}" download --no-deps --no-binary :all: "totalsegmentator==$TS_VERSION" -d "$fx_tmp" >/dev/null
+    echo "$TS_SHA256  $fx_tmp/totalsegmentator-$TS_VERSION.tar.gz" | sha256sum -c --quiet \
+      || { echo "install: totalsegmentator-$TS_VERSION.tar.gz checksum mismatch" >&2; rm -rf "$fx_tmp"; exit 1; }
+    rm -rf "$fx" && mkdir -p "$fx"
+    tar xzf "$fx_tmp/totalsegmentator-$TS_VERSION.tar.gz" -C "$fx" --strip-components=1 \
+      "totalsegmentator-$TS_VERSION/tests/reference_files" "totalsegmentator-$TS_VERSION/totalsegmentator/map_to_binary.py"
+    touch "$fx/.complete"
+    rm -rf "$fx_tmp"
+  fi
+fi
+
 # --- Browser code (npm, install time only; nothing is fetched at run time) ----------------------
 # The OHIF viewer served at /ohif/: the prebuilt dist of @ohif/app, unpacked from its registry
 # tarball (a plain `npm install` would pull all of its build dependencies) and checked against the
