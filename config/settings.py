@@ -251,6 +251,10 @@ class ApiSettings:
     #: DICOMweb destination that MONAI Label / OHIF-AI ``image=<SeriesInstanceUID>`` ids are pulled from and
     #: ``output=dicom_seg`` results stored to; empty = the first ``dicomweb`` destination.
     archive: str = ""
+    #: URL prefix under which the MONAI Label routes (``/info/``, ``/infer/{model}``, ``/session/``...) also
+    #: answer, like a MONAI Label server started with ``root_path``: ``/monai`` for the OHIF-AI viewer, which
+    #: calls ``/monai/infer/segmentation`` on its own origin (docs/viewer.md); empty = only at the root.
+    monailabel_root_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -264,6 +268,10 @@ class ViewerSettings:
     dist: str = ""
     #: Data source name shown in the viewer; empty = ``ainode`` (or ``ainode: ARCHIVE``).
     title: str = ""
+    #: Directory of an unpacked OHIF-AI viewer build (its ``dist/``) to serve at the site root (``/``,
+    #: ``/viewer``...) beside ``/dicomweb``; set ``api.monailabel_root_path = "/monai"`` with it
+    #: (docs/viewer.md); empty = not served (``/`` is the prompt page).
+    ohif_ai_dist: str = ""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -46,12 +47,17 @@ def write_nifti(
     path: str | os.PathLike[str],
     *,
     dtype: npt.DTypeLike | None = None,
+    axes: Literal["xyk", "kyx"] = "xyk",
 ) -> Path:
     """Write a (slices, rows, columns) array as NIfTI-1 with the series' patient geometry.
 
-    The data are stored transposed to (x, y, k) = (column, row, slice) so that the NIfTI voxel
-    index is the DICOM (x, y, k) index, and the affine is ``geometry.affine_ras`` (LPS → RAS). The
-    sform holds that affine exactly (code 1, scanner). The qform (code 1) cannot represent shear:
+    By default (``axes="xyk"``) the data are stored transposed to (x, y, k) = (column, row, slice) so
+    that the NIfTI voxel index is the DICOM (x, y, k) index, and the affine is ``geometry.affine_ras``
+    (LPS → RAS). With ``axes="kyx"`` the array is stored as given, (k, y, x): the first NIfTI axis is the
+    slice (it varies fastest in the file), and the affine is ``geometry.affine_ras`` with its first and
+    third columns swapped, so every voxel still maps to the same patient point (for clients that read
+    the data as [slices, rows, columns] without looking at the affine, e.g. anandpreshob/OHIF-AI). The
+    sform holds the affine exactly (code 1, scanner). The qform (code 1) cannot represent shear:
     for a sheared affine (tilted gantry) it holds the closest rotation + zooms (nibabel's polar
     decomposition) and a message is logged; readers should prefer the sform.
 
@@ -65,6 +71,8 @@ def write_nifti(
         Output file; ``.nii.gz`` (compressed) or ``.nii``.
     dtype
         Stored data type. Default: uint8 for bool masks, int16 for integer data that fits, else float32.
+    axes
+        Order of the stored axes: ``"xyk"`` (column, row, slice) or ``"kyx"`` (slice, row, column).
 
     Returns
     -------
@@ -74,14 +82,20 @@ def write_nifti(
     Raises
     ------
     ValueError
-        When the array is not 3-D or its shape differs from ``geometry.shape``.
+        When the array is not 3-D, its shape differs from ``geometry.shape`` or ``axes`` is unknown.
     """
     arr = np.asarray(array)
     if arr.ndim != 3 or tuple(arr.shape) != tuple(geometry.shape):
         raise ValueError(f"Array shape {arr.shape} does not match the geometry shape {geometry.shape}.")
+    if axes not in ("xyk", "kyx"):
+        raise ValueError(f'axes must be "xyk" or "kyx", got {axes!r}.')
     out_dtype = _choose_dtype(arr, dtype)
-    data = np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(out_dtype, copy=False)
     affine = geometry.affine_ras
+    if axes == "xyk":
+        data = np.ascontiguousarray(arr.transpose(2, 1, 0)).astype(out_dtype, copy=False)
+    else:
+        data = np.ascontiguousarray(arr).astype(out_dtype, copy=False)
+        affine = affine[:, [2, 1, 0, 3]]
     img = nib.Nifti1Image(data, affine)
     img.set_sform(affine, code=XFORM_SCANNER)
     img.set_qform(affine, code=XFORM_SCANNER, strip_shears=True)

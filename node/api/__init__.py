@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from starlette.applications import Starlette
@@ -12,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 from dicom_io.errors import DicomInputError
 from dicom_io.store import Store
 from models.base import ModelError as SegmenterModelError
@@ -134,6 +135,10 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
 
     routes: list[BaseRoute] = [*native.routes(), *aiaa.routes(), *monai.routes(), *AdminApi(ctx).routes()]
     routes.append(openapi_route(routes))
+    root = monailabel_root_path(settings.api.monailabel_root_path, routes)
+    if root:
+        # MONAI Label behind a proxy that keeps the prefix (OHIF-AI's nginx: location /monai/ -> root_path=/monai).
+        routes.insert(0, Mount(root, routes=monai.routes()))
     app = Starlette(
         routes=routes,
         middleware=[Middleware(BearerAuthMiddleware, tokens=settings.api.tokens)],
@@ -154,6 +159,33 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
     return [Mount("", app=app, name="api")]
 
 
+def monailabel_root_path(value: str, routes: list[BaseRoute] | None = None) -> str:
+    """``api.monailabel_root_path`` checked: ``""`` or ``/segment[/segment...]`` that no other route starts with.
+
+    Raises
+    ------
+    ConfigError
+        When the value is not such a path, or its first segment is one of the node's own routes
+        (``/dicomweb``, ``/v1``, ``/ohif``...).
+    """
+    text = value.strip()
+    if not text:
+        return ""
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text.rstrip("/")) or text.rstrip("/") in ("/.", "/.."):
+        raise ConfigError(f"api.monailabel_root_path {value[:200]!r} is not a URL path such as '/monai'.")
+    text = text.rstrip("/")
+    first = text.split("/")[1]
+    taken = {"dicomweb", "ohif", "ohif-archive", "prompt", "health"}
+    for route in routes or ():
+        path = getattr(route, "path", "")
+        if path.startswith("/") and len(path) > 1:
+            taken.add(path.split("/")[1])
+    if first in taken:
+        raise ConfigError(f"api.monailabel_root_path {text!r} starts with /{first}, which the node already "
+                          "serves; choose another prefix such as '/monai'.")
+    return text
+
+
 def build_context(settings: Settings, store: Store, inference: InferencePool | None = None,
                   sessions: SessionStore | None = None, *, outbox: Any | None = None) -> ApiContext:
     """The shared state of the API handlers."""
@@ -166,7 +198,7 @@ def build_context(settings: Settings, store: Store, inference: InferencePool | N
     )
 
 
-__all__ = ["HTTP_SESSION_EXPIRED", "api_routes", "build_context"]
+__all__ = ["HTTP_SESSION_EXPIRED", "api_routes", "build_context", "monailabel_root_path"]
 
 
 
