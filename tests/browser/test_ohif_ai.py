@@ -91,7 +91,7 @@ def test_ohif_ai_viewer_end_to_end(tmp_path: Path) -> None:
     node = peers.start_node(tmp_path / "data", port=dimse, config=cfg,
                             extra_env={"AINODE_HTTP_PORT": str(http), "AINODE_MODEL_DEVICE": "cpu",
                                        "AINODE_STORE_STABLE_AFTER_SECONDS": "0.5",
-                                       "AINODE_LITEMEDSAM_PREENCODE": "false"})
+                                       "AINODE_LITEMEDSAM_PREENCODE": "true"})
     base = f"http://127.0.0.1:{http}"
     try:
         peers.wait_tcp(http, timeout=60, proc=node.popen)
