@@ -585,7 +585,7 @@ class MonaiLabelApi:
         user = user_of(request)
         output = request.query_params.get("output", "all").strip().lower()
         if output not in ("image", "json", "all", "dicom_seg"):
-            raise bad("output", f"'{output}' is not one of image, json, all, dicom_seg.")
+            raise bad("output", f"'{output[:40]}' is not one of image, json, all, dicom_seg.")
         params = await self.parse_params(form)
         t0 = time.perf_counter()
         nninter = params.get("nninter")
