@@ -87,7 +87,7 @@ class RequestGuardMiddleware:
                 length = value
         if length is not None:
             text = length.decode("latin-1").strip()
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):  # int() would read other scripts' digits too
                 for message in _json(400, f"body: Content-Length '{text[:40]}' is not a byte count.", "body"):
                     await send(message)
                 return
