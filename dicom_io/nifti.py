@@ -131,12 +131,14 @@ def read_nifti(path: str | os.PathLike[str], max_bytes: int = 0) -> tuple[np.nda
             raise ValueError(f"{name}: not a 3-D NIfTI-1 image.")
         size = int(np.prod(img.shape, dtype=np.float64) * img.get_data_dtype().itemsize)
         if max_bytes and size > max_bytes:
-            raise ValueError(f"{name}: its header declares {size} bytes of image data ({'x'.join(map(str, img.shape))}), "
+            shape = "x".join(map(str, img.shape))
+            raise ValueError(f"{name}: its header declares {size} bytes of image data ({shape}), "
                              f"more than the {max_bytes} allowed (input.max_zip_bytes).")
         slope, inter = img.header.get_slope_inter()
         data = img.get_fdata() if slope not in (None, 1.0) or inter not in (None, 0.0) else np.asarray(img.dataobj)
     except ValueError:
         raise
     except (ImageFileError, OSError, EOFError, zlib.error, TypeError) as exc:
-        raise ValueError(f"{name}: not a readable NIfTI image ({type(exc).__name__}: {str(exc).replace(os.fspath(path), name)[:200]}).") from exc
+        why = str(exc).replace(os.fspath(path), name)[:200]  # the server's folder is not echoed
+        raise ValueError(f"{name}: not a readable NIfTI image ({type(exc).__name__}: {why}).") from exc
     return np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(img.affine, dtype=np.float64)

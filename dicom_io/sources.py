@@ -177,7 +177,8 @@ def extract_zip(
         infos = zf.infolist()
         if len(infos) > max_zip_members:
             raise UnsafeArchiveError(
-                f"{archive.name}: {len(infos)} members, more than the {max_zip_members} allowed (input.max_zip_members)."
+                f"{archive.name}: {len(infos)} members, more than the {max_zip_members} allowed "
+                "(input.max_zip_members)."
             )
         targets = [(info, _member_target(info, archive, dest)) for info in infos]
         declared = sum(info.file_size for info in infos)
@@ -194,7 +195,8 @@ def extract_zip(
                 if ratio > max_zip_ratio:
                     raise UnsafeArchiveError(
                         f"{archive.name}: member '{info.filename}' inflates {ratio:.0f}:1 ({info.compress_size} to "
-                        f"{info.file_size} bytes), more than the {max_zip_ratio:.0f}:1 allowed (input.max_zip_ratio; a zip bomb?); refused."
+                        f"{info.file_size} bytes), more than the {max_zip_ratio:.0f}:1 allowed "
+                        "(input.max_zip_ratio; a zip bomb?); refused."
                     )
         compressed = sum(info.compress_size for info in infos)
         if max_zip_ratio and declared > RATIO_FLOOR_BYTES and declared / max(compressed, 1) > max_zip_ratio:

@@ -232,7 +232,8 @@ class InferenceQueue:
                 if counted and self._foreground_counted() >= self.maxsize:
                     self._counts["rejected"] += 1
                     raise QueueFullError(
-                        f"The '{self.model}' queue is full ({self.maxsize} one-shot jobs waiting, api.queue_size); retry in "
+                        f"The '{self.model}' queue is full ({self.maxsize} one-shot jobs waiting, "
+                        f"api.queue_size); retry in "
                         f"{self.retry_after} s.", self.retry_after)
                 self._foreground += 1
                 if not counted:

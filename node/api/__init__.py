@@ -34,9 +34,9 @@ def _error(request: Request, status: int, message: str, field: str | None = None
            headers: dict[str, str] | None = None) -> Response:
     message = shorten(message)  # a backstop: user input is quoted truncated (core.echo)
     if status >= 500:
-        logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
+        logger.warning("%s %s -> %d: %s", request.method[:20], request.url.path[:200], status, message)
     else:
-        logger.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
+        logger.info("%s %s -> %d: %s", request.method[:20], request.url.path[:200], status, message)
     # ``error`` for our clients, ``detail`` as FastAPI (MONAI Label) answers.
     return JSONResponse({"error": message, "detail": message, "field": field}, status_code=status, headers=headers)
 

@@ -28,7 +28,7 @@ from dicom_io.series import Series
 from models.base import BoxPrompt, Mode, PointPrompt, Prompts
 from node import __version__
 from node.api.core import (
-    ApiContext, ApiError, SeriesRef, bad, check_counts, check_prompts, loads_json, user_of, write_outputs,
+    ApiContext, ApiError, SeriesRef, bad, check_counts, check_prompts, echo, loads_json, user_of, write_outputs,
 )
 from node.pipeline import safe_name
 from node.sessions import Session, Step
@@ -551,7 +551,10 @@ class MonaiLabelApi:
         if isinstance(info, list) and info and isinstance(info[0], Mapping) and info[0].get("color"):
             c = info[0]["color"]
             if isinstance(c, (list, tuple)) and len(c) >= 3:
-                color = "#" + "".join(f"{int(v) & 255:02x}" for v in c[:3])
+                try:
+                    color = "#" + "".join(f"{int(v) & 255:02x}" for v in c[:3])
+                except (TypeError, ValueError, OverflowError) as exc:  # Infinity, NaN, a string, a list
+                    raise bad("params.label_info", f"color {echo(c)} is not three numbers 0-255.") from exc
         spec = SegmentSpec(label=label, color=color, category=s.category, type=s.type)
         try:
             spec.validate()

@@ -291,7 +291,8 @@ class NativeApi:
         session = self._session(request)
         series = session.series
         raw = request.path_params["k"]
-        if not (raw.isascii() and raw.isdigit()):  # int() would read other scripts' digits ("\u0663" = 3)
+        digits = raw[1:] if raw.startswith("-") else raw
+        if not (digits.isascii() and digits.isdigit()):  # int() would read other scripts' digits ("\u0663" = 3)
             raise bad("k", f"{echo(raw)} is not a slice index (ASCII digits 0-9).")
         k = int(raw)
         n = series.shape[0]

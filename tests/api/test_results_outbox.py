@@ -78,3 +78,13 @@ def test_dicom_seg_label_with_a_control_character_is_422(make_api: Any, tmp_path
     r = api.client.post(f"/infer/sam_2d?image={phantom.series_instance_uid}&output=dicom_seg",
                         files={"params": (None, json.dumps(params))})
     assert r.status_code == 422 and r.json()["field"] == "params.label_info", r.text[:300]
+
+
+def test_dicom_seg_colour_that_is_no_number_is_422(make_api: Any, tmp_path: Path, phantom: PhantomSeries) -> None:
+    api = make_api(_settings(tmp_path / "node"), series=[phantom])
+    for color in ("[Infinity, 0, 0]", "[NaN, 0, 0]", '["red", 0, 0]'):
+        params = ('{"foreground": [[%f, %f, %d]], "label_info": [{"name": "x", "color": %s}]}'
+                  % (phantom.center[0], phantom.center[1], phantom.k, color))
+        r = api.client.post(f"/infer/sam_2d?image={phantom.series_instance_uid}&output=dicom_seg",
+                            files={"params": (None, params)})
+        assert r.status_code == 422 and r.json()["field"] == "params.label_info", (color, r.text[:300])
