@@ -588,9 +588,11 @@ class MonaiLabelApi:
         ttl = None
         if expiry:
             try:
+                if not expiry.isascii():  # float() would read other scripts' digits ("\u0663" = 3)
+                    raise ValueError(expiry)
                 ttl = float(expiry)
             except ValueError as exc:
-                raise bad("expiry", f"'{expiry}' is not a number of seconds.") from exc
+                raise bad("expiry", f"{echo(expiry)} is not a number of seconds.") from exc
         form = await self.read_form(request)
         try:
             files = [f for key in ("files", "image", "file", "datapoint") for f in form.getlist(key)

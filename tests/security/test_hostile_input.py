@@ -216,6 +216,8 @@ def test_small_gaps(make_app: Any, tmp_path: Path, ph: Any) -> None:
     assert c.get(f"/v1/sessions/{sid}/slices/3").status_code == 200
     r = c.get(f"/v1/sessions/{sid}/slices/\u0663")
     assert r.status_code == 422 and r.json()["field"] == "k", r.text[:300]
+    r = c.put("/session/?expiry=\u0663", files={"files": ("a.dcm", ph.paths[0].read_bytes())})
+    assert r.status_code == 422 and r.json()["field"] == "expiry", r.text[:300]
     # NUL (and other control characters) in a label.
     for label in ("liver\x00", "a\x1bb", "back\\slash"):
         r = c.post("/v1/sessions", json={"series": ph.series_instance_uid, "segment": {"label": label}})
