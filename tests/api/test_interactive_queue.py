@@ -151,3 +151,39 @@ def test_running_one_shot_is_recorded_as_running(make_api: Any, tmp_path: Any, p
 class _NoOutbox:
     def entry(self, sop: str, dest: str) -> None:
         return None
+
+
+def test_running_click_stops_at_its_next_slice_when_the_client_disconnects(make_api: Any, tmp_path: Any) -> None:
+    import dataclasses
+
+    from api_helpers import make_phantom_series
+    from node.app import HttpServer
+
+    from config.settings import LiteMedSAMSettings
+
+    ph = make_phantom_series(tmp_path / "tall", shape=(40, 64, 64), seed=1818)  # 3D: one slice after another
+    settings = dataclasses.replace(api_settings(tmp_path / "t"), litemedsam=LiteMedSAMSettings(preencode=False))
+    api = make_api(settings, series=[ph])
+    server = HttpServer(api.app, "127.0.0.1", 0)
+    _, port = server.start()
+    try:
+        sid = api.client.post("/v1/sessions", json={"series": ph.series_instance_uid, "mode": "3d"}).json()["id"]
+        sock = _raw_post(port, f"/v1/sessions/{sid}/prompts", _click(ph))
+        deadline = time.monotonic() + 60
+
+        def click() -> Any:
+            found = [j for j in api.ctx.inference._jobs.values() if j.kind == "session"]
+            return found[0] if found else None
+
+        while (click() is None or click().progress[0] < 1) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        job = click()
+        assert job is not None and job.state == "running", job and job.describe()
+        sock.close()
+        while job.state == "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # It had started (the model reported progress) and ended cancelled, at a progress callback.
+        assert job.state == "cancelled" and job.started is not None and "cancelled" in job.error, job.describe()
+        assert api.client.get(f"/v1/sessions/{sid}").json()["steps"] == 0
+    finally:
+        server.stop()
