@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Literal
 
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
+from nibabel.filebasedimages import ImageFileError
 
 from dicom_io.geometry import Geometry
 
@@ -113,13 +115,16 @@ def write_nifti(
     return path
 
 
-def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+def read_nifti(path: str | os.PathLike[str], max_bytes: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file written by :func:`write_nifti`.
 
     Parameters
     ----------
     path
         .nii or .nii.gz file.
+    max_bytes
+        Largest size of the image data its header declares (checked before a voxel is read, so a
+        small gzip'd file cannot inflate into gigabytes); 0 = no limit.
 
     Returns
     -------
@@ -130,11 +135,24 @@ def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     Raises
     ------
     ValueError
-        When the file is not a 3-D NIfTI image.
+        When the file is not a readable 3-D NIfTI image (damaged, truncated, not NIfTI), or its image
+        data would pass ``max_bytes``.
     """
-    img = nib.load(os.fspath(path))
-    if not isinstance(img, nib.Nifti1Image) or len(img.shape) != 3:
-        raise ValueError(f"{Path(path).name}: not a 3-D NIfTI-1 image.")
-    slope, inter = img.header.get_slope_inter()
-    data = img.get_fdata() if slope not in (None, 1.0) or inter not in (None, 0.0) else np.asarray(img.dataobj)
+    name = Path(path).name
+    try:
+        img = nib.load(os.fspath(path))
+        if not isinstance(img, nib.Nifti1Image) or len(img.shape) != 3:
+            raise ValueError(f"{name}: not a 3-D NIfTI-1 image.")
+        size = int(np.prod(img.shape, dtype=np.float64) * img.get_data_dtype().itemsize)
+        if max_bytes and size > max_bytes:
+            shape = "x".join(map(str, img.shape))
+            raise ValueError(f"{name}: its header declares {size} bytes of image data ({shape}), "
+                             f"more than the {max_bytes} allowed (input.max_zip_bytes).")
+        slope, inter = img.header.get_slope_inter()
+        data = img.get_fdata() if slope not in (None, 1.0) or inter not in (None, 0.0) else np.asarray(img.dataobj)
+    except ValueError:
+        raise
+    except (ImageFileError, OSError, EOFError, zlib.error, TypeError) as exc:
+        why = str(exc).replace(os.fspath(path), name)[:200]  # the server's folder is not echoed
+        raise ValueError(f"{name}: not a readable NIfTI image ({type(exc).__name__}: {why}).") from exc
     return np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(img.affine, dtype=np.float64)

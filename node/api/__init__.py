@@ -19,7 +19,7 @@ from dicom_io.store import Store
 from models.base import ModelError as SegmenterModelError
 from models.base import PromptError
 from node.api.auth import BearerAuthMiddleware
-from node.api.core import ApiContext, ApiError
+from node.api.core import ApiContext, ApiError, shorten
 from node.inference import (
     InferencePool, JobCancelledError, ModelUnavailableError, QueueFullError, UnknownModelError,
 )
@@ -33,10 +33,11 @@ HTTP_SESSION_EXPIRED = 440
 
 def _error(request: Request, status: int, message: str, field: str | None = None,
            headers: dict[str, str] | None = None) -> Response:
+    message = shorten(message)  # a backstop: user input is quoted truncated (core.echo)
     if status >= 500:
-        logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
+        logger.warning("%s %s -> %d: %s", request.method[:20], request.url.path[:200], status, message)
     else:
-        logger.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
+        logger.info("%s %s -> %d: %s", request.method[:20], request.url.path[:200], status, message)
     # ``error`` for our clients, ``detail`` as FastAPI (MONAI Label) answers.
     return JSONResponse({"error": message, "detail": message, "field": field}, status_code=status, headers=headers)
 
@@ -64,8 +65,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 400)
     field = "body" if status == 400 else None
     detail = str(getattr(exc, "detail", exc))
-    return _error(request, status, f"body: {detail}" if field else detail, field,
-                  dict(getattr(exc, "headers", None) or {}))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:
+        # Starlette names the methods of the first route matching the path only; a path served by several
+        # routes (GET and DELETE /v1/jobs/{id}) must list them all (RFC 9110 15.5.6).
+        headers["Allow"] = ", ".join(_allowed_methods(request)) or headers.get("Allow", "")
+    return _error(request, status, f"body: {detail}" if field else detail, field, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the API serves at the request's path."""
+    from starlette.routing import Match
+
+    app = request.scope.get("app")
+    methods: set[str] = set()
+    scope = {**request.scope, "method": "\x00"}  # matches no route fully: each matching path answers PARTIAL
+    for route in getattr(app, "routes", ()):
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 async def _prompt_error(request: Request, exc: Exception) -> Response:

@@ -21,12 +21,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from config.settings import ApiSettings
 from dicom_io.geometry import Geometry
 from dicom_io.seg import SegmentSpec
 from dicom_io.series import Series
 from models.base import BoxPrompt, Mode, PointPrompt, Prompts
 from node import __version__
-from node.api.core import ApiContext, ApiError, SeriesRef, bad, check_prompts, user_of, write_outputs
+from node.api.core import (
+    ApiContext, ApiError, SeriesRef, bad, check_counts, check_prompts, echo, loads_json, user_of, write_outputs,
+)
 from node.pipeline import safe_name
 from node.sessions import Session, Step
 
@@ -196,10 +199,7 @@ def _list(params: Mapping[str, Any], key: str) -> list[Any]:
     if value in (None, "", []):
         return []
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise bad(f"params.{key}", f"not a JSON list ({exc}).") from exc
+        value = loads_json(value, f"params.{key}", ApiSettings().max_json_depth)
     if not isinstance(value, list):
         raise bad(f"params.{key}", f"a list is required, got {type(value).__name__}.")
     return value
@@ -326,7 +326,7 @@ def _prompt_info(params: Mapping[str, Any], k_of: Callable[[int], int]) -> tuple
 
 
 def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = False,
-                        shape: tuple[int, int] | None = None) -> Prompts:
+                        shape: tuple[int, int] | None = None, limits: ApiSettings | None = None) -> Prompts:
     """Prompts of a MONAI Label / OHIF-AI / AIAA ``params`` object, in our voxel order.
 
     Understood: ``foreground``/``background`` (DeepGrow, SAM2: ``[[x, y, z], ...]``), ``points`` +
@@ -350,13 +350,29 @@ def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = F
     With ``shape`` (rows, columns) the vertices are clipped to the slice first (a stroke that leaves the
     image keeps its part inside).
 
+    ``limits`` (``settings.api``; default: the defaults) bound the points, boxes and polylines, counted
+    before any is parsed.
+
     Raises
     ------
     ApiError
-        422 naming the malformed key.
+        422 naming the malformed key, or the limit (``api.max_points``, ``api.max_boxes``,
+        ``api.max_polylines``, ``api.max_polyline_points``).
     """
     def k_of(z: int) -> int:
         return n_slices - 1 - z if flip else z
+
+    limits = limits or ApiSettings()
+    lines = [(key, item) for key in ("pos_lassos", "neg_lassos", "pos_scribbles", "neg_scribbles")
+             for item in _list(params, key)]
+    check_counts(sum(len(_list(params, key)) for key in ("foreground", "background", "pos_points", "neg_points",
+                                                          "points")),
+                 sum(len(_list(params, key)) for key in ("pos_boxes", "neg_boxes")), limits, "params",
+                 polylines=len(lines))
+    for key, item in lines:
+        if isinstance(item, (list, tuple)) and len(item) > limits.max_polyline_points:
+            raise bad(f"params.{key}", f"a polyline of {len(item)} points, more than api.max_polyline_points "
+                                       f"({limits.max_polyline_points}) allows.")
 
     points: list[PointPrompt] = []
     boxes: list[BoxPrompt] = []
@@ -485,20 +501,23 @@ class MonaiLabelApi:
             return FormData()
         return await request.form(max_files=100000)
 
-    @staticmethod
-    async def parse_params(form: FormData) -> dict[str, Any]:
+    async def parse_params(self, form: FormData) -> dict[str, Any]:
         """The ``params`` form field (a string, or a JSON file part as some clients send) as an object.
 
         Raises
         ------
         ApiError
-            400 naming ``params`` when it is not a JSON object.
+            400 naming ``params`` when it is not a JSON object or nested deeper than ``api.max_json_depth``;
+            413 when a file part passes ``api.max_json_bytes``.
         """
+        api = self.ctx.settings.api
         raw = form.get("params")
         if raw is None:
             return {}
         if isinstance(raw, UploadFile):
-            data = await raw.read(1 << 20)
+            data = await raw.read(api.max_json_bytes + 1)
+            if len(data) > api.max_json_bytes:
+                raise ApiError(413, f"params: more than api.max_json_bytes ({api.max_json_bytes}) bytes.", "params")
             try:
                 raw = data.decode()
             except UnicodeDecodeError as exc:
@@ -506,10 +525,7 @@ class MonaiLabelApi:
         text = raw.strip()
         if not text:
             return {}
-        try:
-            params = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ApiError(400, f"params: malformed JSON ({exc}).", "params") from exc
+        params = loads_json(text, "params", api.max_json_depth)
         if not isinstance(params, dict):
             raise ApiError(400, f"params: a JSON object is required, got {type(params).__name__}.", "params")
         return params
@@ -616,21 +632,22 @@ class MonaiLabelApi:
             prompts = extreme_points_box(params, n)
             mode = "3d"
         else:
-            prompts = prompts_from_params(params, n, flip, shape=series.voxels.shape[1:])
+            prompts = prompts_from_params(params, n, flip, shape=series.voxels.shape[1:], limits=ctx.settings.api)
         if not prompts:
             raise bad("params", "no prompt found: give foreground/background points, pos_points/neg_points, "
                                 "pos_boxes/neg_boxes, pos_lassos/neg_lassos, pos_scribbles/neg_scribbles, "
                                 "prompt_info, points+point_labels or roi.")
         if ohif_ai and session is not None:
             # OHIF-AI resends every prompt of the segment; the session remembers them (and the embeddings).
-            check_prompts(prompts, series, "params")
+            check_prompts(prompts, series, "params", ctx.settings.api)
             async with session.lock:
-                inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="ohif-ai")
+                inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="ohif-ai",
+                                           request=request, session=session)
                 mask = np.asarray(inferred.result.mask, dtype=bool)
                 session.push(Step(prompts, mask, int(mask.sum()), {}, dict(inferred.result.stats)))
         else:
-            check_prompts(prompts, series, "params")
-            inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="monailabel")
+            check_prompts(prompts, series, "params", ctx.settings.api)
+            inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="monailabel", request=request)
             mask = np.asarray(inferred.result.mask, dtype=bool)
         label = _label_name(params, ctx.settings.seg.label)
         latencies = {"pre": round(t_load, 4), "infer": round(inferred.run_seconds, 4),
@@ -722,35 +739,32 @@ class MonaiLabelApi:
         if isinstance(info, list) and info and isinstance(info[0], Mapping) and info[0].get("color"):
             c = info[0]["color"]
             if isinstance(c, (list, tuple)) and len(c) >= 3:
-                color = "#" + "".join(f"{int(v) & 255:02x}" for v in c[:3])
+                try:
+                    color = "#" + "".join(f"{int(v) & 255:02x}" for v in c[:3])
+                except (TypeError, ValueError, OverflowError) as exc:  # Infinity, NaN, a string, a list
+                    raise bad("params.label_info", f"color {echo(c)} is not three numbers 0-255.") from exc
         spec = SegmentSpec(label=label, color=color, category=s.category, type=s.type)
+        try:
+            spec.validate()
+        except ValueError as exc:
+            raise bad("params.label_info", str(exc)) from exc
         folder = ctx.upload_dir()
-        written = await run_in_threadpool(write_outputs, series, mask, spec, ctx.settings, model, version, folder,
-                                          safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
-        headers: dict[str, str] = {}
-        if session is None and written.seg is not None and ctx._has_archive():
-            archive = ctx.archive_name()
-            stored = await run_in_threadpool(self._stow, archive, written.seg)
-            headers["X-Stored-To"] = f"{archive}: {stored}"
-        if written.seg is None:  # pragma: no cover - write_outputs writes what it is asked for
-            raise RuntimeError("SEG was not written")
-        data = await run_in_threadpool(written.seg.read_bytes)
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            written = await run_in_threadpool(write_outputs, series, mask, spec, ctx.settings, model, version,
+                                              folder, safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
+            if written.seg is None:  # pragma: no cover - write_outputs writes what it is asked for
+                raise RuntimeError("SEG was not written")
+            data = await run_in_threadpool(written.seg.read_bytes)
+            headers: dict[str, str] = {}
+            if session is None and ctx._has_archive():
+                # Like every result: into the store, then the persisted outbox delivers it (retried, once).
+                archive = ctx.archive_name()
+                states = await run_in_threadpool(ctx.deliver_blocking, written.seg, [archive])
+                headers["X-Stored-To"] = f"{archive}: {states[archive]['state']}"
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return Response(data, media_type="application/dicom",
                         headers={**headers, "Content-Disposition": f'attachment; filename="{written.seg.name}"'})
-
-    def _stow(self, archive: str, path: Path) -> str:
-        """Store the SEG to the archive as MONAI Label's DICOMweb datastore does (STOW-RS); returns the outcome."""
-        from node import status
-        from node.archives import send_to_destination
-
-        try:
-            results = send_to_destination(archive, self.ctx.settings, [path], self.ctx.origins)
-        except Exception as exc:  # a peer outcome: reported in a header, never a 500
-            logger.warning("STOW of %s to %s failed: %s", path.name, archive, exc)
-            return f"failed ({exc})"
-        code = results[0].status if results else None
-        return "stored" if status.is_delivered(code) else f"failed ({results[0].error if results else 'no answer'})"
 
     # ------------------------------------------------------------------ /session/
 
@@ -762,9 +776,11 @@ class MonaiLabelApi:
         ttl = None
         if expiry:
             try:
+                if not expiry.isascii():  # float() would read other scripts' digits ("\u0663" = 3)
+                    raise ValueError(expiry)
                 ttl = float(expiry)
             except ValueError as exc:
-                raise bad("expiry", f"'{expiry}' is not a number of seconds.") from exc
+                raise bad("expiry", f"{echo(expiry)} is not a number of seconds.") from exc
         form = await self.read_form(request)
         try:
             files = [f for key in ("files", "image", "file", "datapoint") for f in form.getlist(key)
