@@ -49,6 +49,7 @@ STUDY_KEPT = tuple(kw for kw in STUDY_TAGS if kw not in _FROM_COLUMNS)
 SERIES_KEPT = tuple(kw for kw in SERIES_TAGS if kw not in _FROM_COLUMNS)
 _STUDY_KEPT_TAGS = frozenset(int(tag_for_keyword(kw)) for kw in STUDY_KEPT)  # type: ignore[arg-type]
 _SERIES_KEPT_TAGS = frozenset(int(tag_for_keyword(kw)) for kw in SERIES_KEPT)  # type: ignore[arg-type]
+_MODALITY = 0x00080060
 #: What is read of a file to fill the index (:func:`read_indexed_attributes`).
 HEADER_KEYWORDS = ("SpecificCharacterSet",) + STUDY_KEPT + SERIES_KEPT
 
@@ -384,7 +385,7 @@ def plan(search: Search) -> _Plan:
     for tag in search.include:
         if tag in returned:
             continue
-        if level is Level.STUDY and tag in _SERIES_KEPT_TAGS:
+        if level is Level.STUDY and (tag in _SERIES_KEPT_TAGS or tag == _MODALITY):
             first_series_attrs = True
         else:
             header_tags.add(tag)
@@ -392,7 +393,8 @@ def plan(search: Search) -> _Plan:
     if residual or header_tags or search.include_all:
         select += f", {_HEADER_PATH[level]} AS header_path"
     if first_series_attrs:
-        select += f", (SELECT s2.attrs FROM series s2 WHERE s2.series_instance_uid = {_FIRST_SERIES}) AS first_series_attrs"
+        select += (f", (SELECT s2.attrs FROM series s2 WHERE s2.series_instance_uid = {_FIRST_SERIES}) AS first_series_attrs"
+                   f", (SELECT s3.modality FROM series s3 WHERE s3.series_instance_uid = {_FIRST_SERIES}) AS first_modality")
     sql = f"SELECT {select} FROM {_FROM[level]}"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -564,8 +566,10 @@ def search(select: Callable[[str, Sequence[Any]], list[sqlite3.Row]], query: Sea
 
 def _with_extras(text: str, r: sqlite3.Row, ds: Dataset | None, p: _Plan, query: Search) -> str:
     data = json.loads(text)
-    if p.first_series_attrs and r["first_series_attrs"]:
-        series = json.loads(r["first_series_attrs"])
+    if p.first_series_attrs:
+        series = json.loads(r["first_series_attrs"] or "{}")
+        if r["first_modality"]:
+            series["00080060"] = {"vr": "CS", "Value": [r["first_modality"]]}
         for tag in query.include:
             key = f"{tag:08X}"
             if key not in data and key in series:
