@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -49,7 +49,13 @@ STUDY_KEPT = tuple(kw for kw in STUDY_TAGS if kw not in _FROM_COLUMNS)
 SERIES_KEPT = tuple(kw for kw in SERIES_TAGS if kw not in _FROM_COLUMNS)
 _STUDY_KEPT_TAGS = frozenset(int(tag_for_keyword(kw)) for kw in STUDY_KEPT)  # type: ignore[arg-type]
 _SERIES_KEPT_TAGS = frozenset(int(tag_for_keyword(kw)) for kw in SERIES_KEPT)  # type: ignore[arg-type]
+_KEPT_TAGS = sorted(_STUDY_KEPT_TAGS | _SERIES_KEPT_TAGS)
 _MODALITY = 0x00080060
+#: (keyword, JSON key, VR) of the kept attributes, for :meth:`IndexedAttributes.from_raw`.
+_KEPT_FIELDS = tuple((keyword_for_tag(t), f"{t:08X}", dictionary_VR(t)) for t in _KEPT_TAGS)
+_FAST_ENCODINGS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO 2022 IR 6": "latin_1", "ISO_IR 100": "latin_1",
+                   "ISO_IR 192": "utf_8"}
+_INTEGER = re.compile(r" *[+-]?[0-9]+ *")
 #: What is read of a file to fill the index (:func:`read_indexed_attributes`).
 HEADER_KEYWORDS = ("SpecificCharacterSet",) + STUDY_KEPT + SERIES_KEPT
 
@@ -81,10 +87,60 @@ class IndexedAttributes:
     @classmethod
     def from_dataset(cls, ds: Dataset) -> IndexedAttributes:
         """Take the kept attributes and matching values of ``ds`` (elements that cannot be decoded are left out)."""
+        data = _json_subset(ds)
+        study = {k: v for k, v in data.items() if int(k, 16) in _STUDY_KEPT_TAGS}
+        series = {k: v for k, v in data.items() if int(k, 16) in _SERIES_KEPT_TAGS}
         return cls(
-            study_json=_json_subset(ds, STUDY_KEPT), series_json=_json_subset(ds, SERIES_KEPT),
+            study_json=_dumps(study), series_json=_dumps(series),
             study_columns={col: _match_text(ds, kw) for col, kw in _STUDY_COLUMNS.items()},
             series_columns={col: _match_text(ds, kw) for col, kw in _SERIES_COLUMNS.items()},
+        )
+
+    @classmethod
+    def from_raw(cls, values: Mapping[str, bytes]) -> IndexedAttributes | None:
+        """The same as :meth:`from_dataset`, from the raw values :func:`dicom_io.store.check_encoding` found
+        (keyword -> bytes), without pydicom; None when a value needs pydicom's conversion (a character set other
+        than the default, Latin-1 or UTF-8, several values, a name with ideographic or phonetic groups, an IS
+        that is not an integer). ``tests/dicomweb/test_qido_index.py`` checks that both give the same."""
+        charset = values.get("SpecificCharacterSet", b"").decode("ascii", "replace").strip(" \x00")
+        encoding = _FAST_ENCODINGS.get(charset)
+        if encoding is None:
+            return None
+        data: dict[str, Any] = {}
+        texts: dict[str, str] = {}
+        for kw, key, vr in _KEPT_FIELDS:
+            raw = values.get(kw)
+            if raw is None:
+                continue
+            try:
+                text = raw.decode(encoding if vr in ("PN", "SH", "LO") else "ascii").rstrip("\x00 ")
+            except UnicodeDecodeError:
+                return None
+            if "\\" in text:
+                return None
+            texts[kw] = text
+            if not text:
+                data[key] = {"vr": vr}
+            elif vr == "PN":
+                if "=" in text or text[0] == " ":
+                    return None
+                data[key] = {"vr": vr, "Value": [{"Alphabetic": text}]}
+            elif vr == "IS":
+                if not _INTEGER.fullmatch(text):
+                    return None
+                data[key] = {"vr": vr, "Value": [int(text)]}
+            else:
+                data[key] = {"vr": vr, "Value": [text]}
+
+        def column(kw: str) -> str:
+            text = texts.get(kw, "")
+            return (text.casefold() if dictionary_VR(kw) == "PN" else text)[:256]
+
+        return cls(
+            study_json=_dumps({k: v for k, v in data.items() if int(k, 16) in _STUDY_KEPT_TAGS}),
+            series_json=_dumps({k: v for k, v in data.items() if int(k, 16) in _SERIES_KEPT_TAGS}),
+            study_columns={col: column(kw) for col, kw in _STUDY_COLUMNS.items()},
+            series_columns={col: column(kw) for col, kw in _SERIES_COLUMNS.items()},
         )
 
     @classmethod
@@ -107,20 +163,19 @@ class IndexedAttributes:
         return cls.from_dataset(ds)
 
 
-def _json_subset(ds: Dataset, keywords: Sequence[str]) -> str:
+def _json_subset(ds: Dataset) -> dict[str, Any]:
+    """The kept attributes of ``ds`` as DICOM JSON (elements that cannot be converted are left out)."""
     sub = Dataset()
-    for kw in keywords:
-        try:
-            elem = ds[kw] if kw in ds else None
-        except Exception:  # an element pydicom cannot convert
-            elem = None
-        if elem is not None:
-            sub.add(elem)
+    for tag in _KEPT_TAGS:
+        if tag in ds:
+            try:
+                sub.add(ds[tag])
+            except Exception:  # an element pydicom cannot convert
+                continue
     try:
-        data = sub.to_json_dict(bulk_data_threshold=1 << 30, suppress_invalid_tags=True)
+        return sub.to_json_dict(bulk_data_threshold=1 << 30, suppress_invalid_tags=True)
     except Exception:
-        data = {}
-    return _dumps(data)
+        return {}
 
 
 def _match_text(ds: Dataset, keyword: str) -> str:

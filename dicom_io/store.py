@@ -17,15 +17,16 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from dicom_io.errors import DicomInputError
-from dicom_io.query import SERIES_COLUMNS, STUDY_COLUMNS, IndexedAttributes
+from dicom_io.query import HEADER_KEYWORDS, SERIES_COLUMNS, STUDY_COLUMNS, IndexedAttributes
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,9 @@ class InstanceInfo:
     columns: int | None = None
     bits_allocated: int | None = None
     number_of_frames: int | None = None
+    #: Raw values of the attributes QIDO-RS keeps per study and series (:data:`dicom_io.query.HEADER_KEYWORDS`),
+    #: when read from the bytes (:meth:`from_raw`); None otherwise (the header is read when indexed).
+    kept: dict[str, bytes] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str = "", *, walk: bool = False) -> InstanceInfo:
@@ -292,6 +296,7 @@ class InstanceInfo:
             study_description=_text(text.get("StudyDescription")),
             rows=us["Rows"], columns=us["Columns"], bits_allocated=us["BitsAllocated"],
             number_of_frames=_int(text.get("NumberOfFrames")),
+            kept={k: values[k] for k in HEADER_KEYWORDS if k in values},
         )
 
     @classmethod
@@ -380,6 +385,7 @@ INDEX_TAGS = {
     0x00200013: "InstanceNumber", 0x0008103E: "SeriesDescription", 0x00080020: "StudyDate",
     0x00081030: "StudyDescription", 0x00280010: "Rows", 0x00280011: "Columns", 0x00280100: "BitsAllocated",
     0x00280008: "NumberOfFrames",
+    **{int(tag_for_keyword(kw)): kw for kw in HEADER_KEYWORDS},  # type: ignore[arg-type]
 }
 
 
@@ -1202,6 +1208,10 @@ class Store:
             When the statement fails (a query that would write is refused: ``query_only``).
         """
         self.settle()
+        return self._read(sql, args)
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """:meth:`select` without waiting for placement (usable outside and inside :attr:`_lock`)."""
         with self._reader_lock:
             if self._reader is None:
                 reader = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -1596,9 +1606,10 @@ class Store:
                     failure = exc
                     break
                 done.append(item)
+            attrs = self._new_series_attributes(rows)  # file reads, outside the lock
             try:
                 with self._lock:
-                    self._index_many(rows)
+                    self._index_many(rows, attrs=attrs)
             except sqlite3.Error as exc:
                 failure, done = OSError(errno.EIO, f"index: {exc}"), []
             with self._queue_cv:
@@ -1756,6 +1767,8 @@ class Store:
         results: list[PutResult] = []
         rows: list[tuple[InstanceInfo, Path, int, float, str, str]] = []
         dirs: set[Path] = set()
+        # The kept attributes of new series, read from the staged files before taking the lock.
+        attrs = self._new_series_attributes([(st.info, st.tmp) for st in staged])
         with self._lock:
             try:
                 held = self._rows([st.info.sop_instance_uid for st in staged])
@@ -1781,7 +1794,7 @@ class Store:
                 for info, final, *_ in rows:
                     _unlink_quietly(final)
                 raise
-            self._index_many(rows)
+            self._index_many(rows, attrs=attrs)
         return results
 
     def discard_staged(self, staged: Sequence[StagedInstance]) -> None:
@@ -2115,16 +2128,19 @@ class Store:
     ) -> None:
         self._index_many([(info, path, size, when, calling_ae_title, kind)], stable=stable)
 
-    def _index_many(self, rows: Sequence[tuple[InstanceInfo, Path, int, float, str, str]], stable: bool = False) -> None:
+    def _index_many(self, rows: Sequence[tuple[InstanceInfo, Path, int, float, str, str]], stable: bool = False,
+                    attrs: dict[str, IndexedAttributes] | None = None) -> None:
         """Insert index rows (study, series, instance: the triggers count in that order) in one transaction.
 
         A series the index does not know yet gets its kept attributes (and its study's, for a new study)
-        from the header of its first instance here (:class:`dicom_io.query.IndexedAttributes`).
+        from the header of its first instance (:class:`dicom_io.query.IndexedAttributes`): ``attrs`` when the
+        caller read them (outside the lock), else read here.
         """
         if not rows:
             return
         db = self._db
-        attrs = self._new_series_attributes(rows)
+        if attrs is None:
+            attrs = self._new_series_attributes(rows)
         db.execute("BEGIN IMMEDIATE")
         try:
             study_cols = ", ".join(STUDY_COLUMNS)
@@ -2179,20 +2195,24 @@ class Store:
             db.execute("ROLLBACK")
             raise
 
-    def _new_series_attributes(
-            self, rows: Sequence[tuple[InstanceInfo, Path, int, float, str, str]]) -> dict[str, IndexedAttributes]:
-        """Kept attributes of the batch's series that the index has none for yet, from one header each."""
-        first: dict[str, Path] = {}
-        for info, path, *_ in rows:
-            first.setdefault(info.series_instance_uid, path)
-        uids = list(first)
+    def _new_series_attributes(self, rows: Sequence[tuple[Any, ...]]) -> dict[str, IndexedAttributes]:
+        """Kept attributes of the series of ``rows`` (``(info, path, ...)``) that the index has none for yet, from
+        one header each. A series indexed meanwhile by another thread is harmless: the upsert keeps the first."""
+        uids = list({info.series_instance_uid: None for info, *_ in rows})
         known: set[str] = set()
         for i in range(0, len(uids), 500):
             chunk = uids[i:i + 500]
-            known.update(r[0] for r in self._db.execute(
+            known.update(r[0] for r in self._read(
                 f"SELECT series_instance_uid FROM series WHERE attrs IS NOT NULL AND series_instance_uid IN "
                 f"({','.join('?' * len(chunk))})", chunk))
-        return {uid: _read_attributes(path, uid) for uid, path in first.items() if uid not in known}
+        out = {}
+        for info, path, *_ in rows:
+            uid = info.series_instance_uid
+            if uid in known or uid in out:
+                continue
+            attrs = IndexedAttributes.from_raw(info.kept) if info.kept is not None else None
+            out[uid] = attrs if attrs is not None else _read_attributes(path, uid)
+        return out
 
     def _drop_empty_series(self) -> None:
         db = self._db

@@ -340,3 +340,53 @@ def test_a_search_does_not_wait_for_indexing(tmp_path: Path) -> None:
 def test_archive_helper_is_deterministic() -> None:
     a = [spec for spec, _ in archive(0, 3)]
     assert a == [study_spec(i) for i in range(3)]
+
+
+@pytest.mark.parametrize("variant", ["plain", "latin1-default", "iso-ir-100", "padded", "empty", "integers",
+                                     "multi-valued", "name-groups", "iso2022"])
+def test_kept_attributes_from_the_bytes_equal_pydicom(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the index keeps is read from the raw bytes at ingest (no pydicom); it must equal pydicom's reading, or
+    be left to pydicom (None) where the fast reading does not apply."""
+    import io
+
+    from pydicom import config, dcmread
+    from pydicom.dataelem import DataElement
+
+    from dicom_io.query import IndexedAttributes
+
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.IGNORE)
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.IGNORE)
+    ds = dcmread(io.BytesIO(instance_bytes(study_spec(3), 0)))
+    values: dict[str, tuple[str, object]] = {
+        "plain": {},
+        "latin1-default": {"SpecificCharacterSet": ("CS", None), "PatientName": ("PN", "Jörg^Müller")},
+        "iso-ir-100": {"SpecificCharacterSet": ("CS", "ISO_IR 100"), "InstitutionName": ("LO", "Hôpital")},
+        "padded": {"StudyDescription": ("LO", " lead and trail  "), "PatientID": ("LO", "X1\x00"),
+                   "BodyPartExamined": ("CS", "CHEST ")},
+        "empty": {"AccessionNumber": ("SH", ""), "PatientName": ("PN", ""), "SeriesNumber": ("IS", "")},
+        "integers": {"SeriesNumber": ("IS", " +3 ")},
+        "multi-valued": {"StudyDescription": ("LO", "a\\b")},
+        "name-groups": {"PatientName": ("PN", "Yamada^Tarou=YAMADA^TAROU")},
+        "iso2022": {"SpecificCharacterSet": ("CS", ["", "ISO 2022 IR 87"]), "PatientName": ("PN", "Yamada^Tarou"),
+                    "ReferringPhysicianName": ("PN", "Ref^Lee")},
+    }[variant]  # type: ignore[assignment]
+    for kw, (vr, value) in values.items():
+        if value is None:
+            del ds[kw]
+        else:
+            ds[kw] = DataElement(kw, vr, value)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    ts, offset = read_file_meta(data)
+    info = InstanceInfo.from_raw(check_encoding(memoryview(data)[offset:], ts), ts)
+    assert info.kept is not None
+    fast = IndexedAttributes.from_raw(info.kept)
+    slow = IndexedAttributes.from_dataset(dcmread(io.BytesIO(data), stop_before_pixels=True))
+    if variant in ("multi-valued", "name-groups", "iso2022"):
+        assert fast is None
+        return
+    assert fast is not None
+    assert json.loads(fast.study_json) == json.loads(slow.study_json)
+    assert json.loads(fast.series_json) == json.loads(slow.series_json)
+    assert fast.study_columns == slow.study_columns and fast.series_columns == slow.series_columns
