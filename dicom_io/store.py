@@ -1208,10 +1208,6 @@ class Store:
             When the statement fails (a query that would write is refused: ``query_only``).
         """
         self.settle()
-        return self._read(sql, args)
-
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        """:meth:`select` without waiting for placement (usable outside and inside :attr:`_lock`)."""
         with self._reader_lock:
             if self._reader is None:
                 reader = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -2200,11 +2196,12 @@ class Store:
         one header each. A series indexed meanwhile by another thread is harmless: the upsert keeps the first."""
         uids = list({info.series_instance_uid: None for info, *_ in rows})
         known: set[str] = set()
-        for i in range(0, len(uids), 500):
-            chunk = uids[i:i + 500]
-            known.update(r[0] for r in self._read(
-                f"SELECT series_instance_uid FROM series WHERE attrs IS NOT NULL AND series_instance_uid IN "
-                f"({','.join('?' * len(chunk))})", chunk))
+        with self._lock:  # briefly: the writer's connection (a long search holds the reader's)
+            for i in range(0, len(uids), 500):
+                chunk = uids[i:i + 500]
+                known.update(r[0] for r in self._db.execute(
+                    f"SELECT series_instance_uid FROM series WHERE attrs IS NOT NULL AND series_instance_uid IN "
+                    f"({','.join('?' * len(chunk))})", chunk))
         out = {}
         for info, path, *_ in rows:
             uid = info.series_instance_uid
