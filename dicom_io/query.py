@@ -56,7 +56,7 @@ _KEPT_FIELDS = tuple((keyword_for_tag(t), f"{t:08X}", dictionary_VR(t)) for t in
 _FAST_ENCODINGS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO 2022 IR 6": "latin_1", "ISO_IR 100": "latin_1",
                    "ISO_IR 192": "utf_8"}
 _INTEGER = re.compile(r" *[+-]?[0-9]+ *")
-#: What is read of a file to fill the index (:func:`read_indexed_attributes`).
+#: What is read of a file to fill the index (:meth:`IndexedAttributes.from_file`).
 HEADER_KEYWORDS = ("SpecificCharacterSet",) + STUDY_KEPT + SERIES_KEPT
 
 _STUDY_COLUMNS = {  # study column -> keyword (text as matched; PN folded)
@@ -484,23 +484,23 @@ def matches(ds: Dataset, tag: int, pattern: str) -> bool:
     Used for matching keys the index does not hold; person names are matched case-insensitively.
     """
     values = _value_strings(ds, tag)
-    if pattern == "":
-        return True
     try:
         vr = dictionary_VR(tag)
     except KeyError:
         vr = "LO"
+    if pattern.strip() == "" or (pattern.replace("*", "").strip() == "" and vr not in ("UI", "DA", "TM", "DT")):
+        return True  # universal matching, as in the SQL (:func:`_condition`)
     if vr == "UI":
         wanted = {p.strip() for p in pattern.replace("\\", ",").split(",") if p.strip()}
         return any(v in wanted for v in values)
     if vr in ("DA", "TM", "DT") and "-" in pattern:
         lo, _, hi = pattern.partition("-")
         return any((not lo or v >= lo) and (not hi or v <= hi) for v in values)
-    alternatives = [p for p in pattern.split(",")] if vr in ("CS",) else [pattern]
+    alternatives = [p.strip() for p in _SPLIT.split(pattern)] if vr == "CS" else [pattern]
     fold = vr == "PN"
     for alt in alternatives:
         for v in values:
-            a, b = (v.lower(), alt.lower()) if fold else (v, alt)
+            a, b = (v.casefold(), alt.casefold()) if fold else (v, alt)
             if "*" in b or "?" in b:
                 if fnmatch.fnmatchcase(a, b):
                     return True
@@ -553,8 +553,11 @@ def _row_fragments(level: Level, r: sqlite3.Row, read_header: Callable[[Path], D
                                                           ("BitsAllocated", "bits_allocated"),
                                                           ("NumberOfFrames", "number_of_frames"))}
     if not r["header_indexed"]:  # indexed before the index kept them: from the header, as before
-        header = read_header(Path(r["path"]))
-        numbers = {kw: header.get(kw) for kw in numbers}
+        try:
+            header = read_header(Path(r["path"]))
+            numbers = {kw: header.get(kw) for kw in numbers}
+        except Exception as exc:  # a file gone or unreadable: answered without them
+            logger.warning("QIDO-RS: header of %s unreadable (%s)", r["sop_instance_uid"], type(exc).__name__)
     for (kw, value), (tag, vr) in zip(numbers.items(), (("00280010", "US"), ("00280011", "US"), ("00280100", "US"),
                                                          ("00280008", "IS"))):
         if value is not None and value != "":

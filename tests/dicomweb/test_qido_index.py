@@ -107,7 +107,11 @@ def test_matching_semantics(filled: Store, specs: list[StudySpec]) -> None:
     # A key the index does not hold is matched against the stored header (slower, same answer).
     assert studies(PatientBirthDate="19700101") == want(lambda s: True)
     r = c.get("/dicomweb/studies", params={"PhotometricInterpretation": "MONOCHROME2", "limit": "3"})
-    assert r.status_code == 200 and len(r.json()) == 3
+    assert r.status_code == 200 and len(r.json()) == 3 and "additional results" in r.headers["warning"]
+    assert r.json()[0]["00280004"]["Value"] == ["MONOCHROME2"]  # the matching key is returned
+    assert studies(Manufacturer="*") == want(lambda s: True)  # universal there too (no such attribute held)
+    assert studies(Manufacturer="x*") == set()
+    assert studies(PhotometricInterpretation="MONOCHROME1") == set()
 
 
 def test_answers_paging_and_computed_attributes(filled: Store, specs: list[StudySpec]) -> None:
