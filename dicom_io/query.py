@@ -404,6 +404,14 @@ class _Plan:
     residual: list[tuple[int, str]]  # matched against the header, in Python
     header_tags: set[int]            # returned from the header (includefield, matching keys)
     first_series_attrs: bool         # study level: includefield of series attributes kept in the index
+    #: Study level, a limited search on broad keys only (wildcards, ranges, code lists): the same search among the
+    #: :data:`RECENT_STUDIES` newest studies, tried first (see :func:`search`); None otherwise.
+    recent_sql: str | None = None
+    recent_args: list[Any] = field(default_factory=list)
+
+
+#: How many of the newest studies a limited search on broad keys looks through before it asks the indexes.
+RECENT_STUDIES = 2000
 
 
 def plan(search: Search) -> _Plan:
@@ -424,6 +432,8 @@ def plan(search: Search) -> _Plan:
     residual: list[tuple[int, str]] = []
     returned = _returned_tags(level)
     header_tags: set[int] = set()
+    selective = search.study_uid is not None or search.series_uid is not None
+    broad = False
     for tag, pattern in search.filters:
         kw = keyword_for_tag(tag)
         key = MATCHING_KEYS.get(kw)
@@ -434,6 +444,10 @@ def plan(search: Search) -> _Plan:
             if cond is not None:
                 where.append(cond[0])
                 args.extend(cond[1])
+                if key.kind in ("uid", "int") or cond[0].endswith(" = ?") and key.kind in ("text", "pn"):
+                    selective = True  # an equality on an index: few rows, found through it
+                else:
+                    broad = True
         if tag not in returned:
             header_tags.add(tag)  # matching keys are returned (PS3.18 10.6.3.3.1)
     first_series_attrs = False
@@ -450,14 +464,19 @@ def plan(search: Search) -> _Plan:
     if first_series_attrs:
         select += (f", (SELECT s2.attrs FROM series s2 WHERE s2.series_instance_uid = {_FIRST_SERIES}) AS first_series_attrs"
                    f", (SELECT s3.modality FROM series s3 WHERE s3.series_instance_uid = {_FIRST_SERIES}) AS first_modality")
-    sql = f"SELECT {select} FROM {_FROM[level]}"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY {_ORDER[level]}"
+    tail = (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY {_ORDER[level]}"
+    page: list[Any] = []
     if not residual and (search.limit is not None or search.offset):
-        sql += " LIMIT ? OFFSET ?"
-        args += [-1 if search.limit is None else search.limit + 1, search.offset]
-    return _Plan(sql, args, residual, header_tags, first_series_attrs)
+        tail += " LIMIT ? OFFSET ?"
+        page = [-1 if search.limit is None else search.limit + 1, search.offset]
+    out = _Plan(f"SELECT {select} FROM {_FROM[level]}{tail}", args + page, residual, header_tags, first_series_attrs)
+    if level is Level.STUDY and broad and not selective and not residual and search.limit is not None:
+        # A wildcard or a range may match most studies: the index on it would then hand over most of the
+        # archive to be sorted by arrival for one page. Among the newest studies such a page is found at once.
+        out.recent_sql = (f"SELECT {select} FROM (SELECT * FROM studies ORDER BY {_ORDER[level].replace('st.', '')} "
+                          f"LIMIT ?) st{tail}")
+        out.recent_args = [RECENT_STUDIES] + args + page
+    return out
 
 
 def _returned_tags(level: Level) -> set[int]:
@@ -585,7 +604,13 @@ def search(select: Callable[[str, Sequence[Any]], list[sqlite3.Row]], query: Sea
         The matching studies, series or instances, newest first, paged by limit/offset.
     """
     p = plan(query)
-    rows = select(p.sql, p.args)
+    rows = None
+    if p.recent_sql is not None and query.limit is not None:
+        rows = select(p.recent_sql, p.recent_args)
+        if len(rows) <= query.limit:
+            rows = None  # not a full page among the newest studies (or no more beyond it): ask the indexes
+    if rows is None:
+        rows = select(p.sql, p.args)
     warnings = [FUZZY_WARNING] if query.fuzzy else []
     headers: dict[int, Dataset | None] = {}
 

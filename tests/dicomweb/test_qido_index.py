@@ -394,3 +394,25 @@ def test_kept_attributes_from_the_bytes_equal_pydicom(variant: str, monkeypatch:
     assert json.loads(fast.study_json) == json.loads(slow.study_json)
     assert json.loads(fast.series_json) == json.loads(slow.series_json)
     assert fast.study_columns == slow.study_columns and fast.series_columns == slow.series_columns
+
+
+@pytest.mark.parametrize("recent", [3, 8, 1000])
+def test_pages_of_broad_searches_equal_slices_of_the_whole_answer(filled: Store, recent: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A limited search on wildcards/ranges is first tried among the newest studies; whether the page is found
+    there or through the indexes, it is the same slice of the unlimited answer."""
+    from dicom_io import query
+
+    monkeypatch.setattr(query, "RECENT_STUDIES", recent)
+    c = client_for(filled)
+    for params in ({"PatientName": "smith*"}, {"StudyDate": "20170101-"}, {"ModalitiesInStudy": "CT,MR"},
+                   {"PatientName": "doe*", "StudyDate": "-20200101"}):
+        whole = c.get("/dicomweb/studies", params=params).json()
+        for limit, offset in ((1, 0), (3, 0), (3, 2), (5, 4), (50, 0)):
+            r = c.get("/dicomweb/studies", params={**params, "limit": str(limit), "offset": str(offset)})
+            assert r.json() == whole[offset:offset + limit], (params, limit, offset)
+            assert ("warning" in r.headers) == (len(whole) > offset + limit)
+    p = plan(parse_search(Level.STUDY, [("PatientName", "smi*"), ("limit", "25")]))
+    assert p.recent_sql is not None and "USING INDEX studies_received" in "\n".join(
+        r[3] for r in filled.select("EXPLAIN QUERY PLAN " + p.recent_sql, p.recent_args))
+    assert plan(parse_search(Level.STUDY, [("PatientID", "PID000001"), ("limit", "25")])).recent_sql is None
