@@ -135,10 +135,15 @@ class SegSettings:
 
 @dataclass(frozen=True)
 class InputSettings:
-    #: Largest total uncompressed size accepted from a zip archive, in bytes.
+    #: Largest total uncompressed size accepted from a zip archive (checked on the declared sizes before anything is
+    #: written, and on the bytes inflated while streaming), and of the image data an uploaded NIfTI declares, in bytes.
     max_zip_bytes: int = 4 * 1024**3
     #: Largest number of members accepted in a zip archive.
     max_zip_members: int = 20000
+    #: Largest compression ratio (uncompressed : compressed) of a zip member above 1 MiB, and of a whole archive
+    #: above 1 MiB uncompressed; real DICOM compresses a few times (a synthetic phantom with much air some tens
+    #: of times), so more is refused as a zip bomb before anything is extracted; 0 = no check.
+    max_zip_ratio: float = 200.0
     #: Relative slice-spacing deviation tolerated before a series is declared to have a gap.
     spacing_tolerance: float = 0.1
 
@@ -241,7 +246,10 @@ class ApiSettings:
     session_ttl_seconds: float = 1800.0
     #: Largest number of open interactive sessions (all users); more are refused with 503.
     max_sessions: int = 16
-    #: Jobs that may wait per model queue; a full queue answers 503 with ``Retry-After``.
+    #: One-shot jobs (``/v1/segmentations``, MONAI Label / AIAA requests without a session) that may wait per
+    #: model queue, each holding its series in memory; a full queue answers 503 with ``Retry-After``. Clicks
+    #: in an open session do not count: a session has one at a time and its series is in memory already, so
+    #: ``max_sessions`` bounds them (N users clicking get slower answers, not 503).
     queue_size: int = 8
     #: ``Retry-After`` (seconds) sent with a 503 for a full queue or too many sessions.
     retry_after_seconds: int = 5
@@ -249,11 +257,27 @@ class ApiSettings:
     job_timeout_seconds: float = 600.0
     #: Largest request body (uploaded series, archive or mask) accepted, in bytes.
     max_upload_bytes: int = 2 * 1024**3
+    #: Largest JSON request body (and MONAI Label / AIAA ``params`` field) accepted, in bytes; more is 413.
+    max_json_bytes: int = 4 * 1024**2
+    #: Deepest nesting of arrays and objects accepted in a JSON body or ``params`` field (checked before parsing).
+    max_json_depth: int = 32
+    #: Most prompt points in one request (a session's prompts together, OHIF-AI's resent prompts included).
+    max_points: int = 128
+    #: Most prompt boxes in one request (lassos and MONAI Label's ``roi`` count as boxes).
+    max_boxes: int = 32
+    #: Most polylines (OHIF-AI lassos and scribbles) in one request.
+    max_polylines: int = 32
+    #: Most vertices of one polyline.
+    max_polyline_points: int = 2000
     #: Loaded series kept in memory for repeated requests on the same series.
     series_cache: int = 4
     #: DICOMweb destination that MONAI Label / OHIF-AI ``image=<SeriesInstanceUID>`` ids are pulled from and
     #: ``output=dicom_seg`` results stored to; empty = the first ``dicomweb`` destination.
     archive: str = ""
+    #: URL prefix under which the MONAI Label routes (``/info/``, ``/infer/{model}``, ``/session/``...) also
+    #: answer, like a MONAI Label server started with ``root_path``: ``/monai`` for the OHIF-AI viewer, which
+    #: calls ``/monai/infer/segmentation`` on its own origin (docs/viewer.md); empty = only at the root.
+    monailabel_root_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -267,6 +291,10 @@ class ViewerSettings:
     dist: str = ""
     #: Data source name shown in the viewer; empty = ``ainode`` (or ``ainode: ARCHIVE``).
     title: str = ""
+    #: Directory of an unpacked OHIF-AI viewer build (its ``dist/``) to serve at the site root (``/``,
+    #: ``/viewer``...) beside ``/dicomweb``; set ``api.monailabel_root_path = "/monai"`` with it
+    #: (docs/viewer.md); empty = not served (``/`` is the prompt page).
+    ohif_ai_dist: str = ""
 
 
 @dataclass(frozen=True)

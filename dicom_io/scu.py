@@ -8,7 +8,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,8 +304,12 @@ def echo(peer: Peer) -> EchoResult:
         _close(assoc)
 
 
-def send_instances(peer: Peer, items: Iterable[str | os.PathLike[str] | Dataset]) -> list[StoreResult]:
+def send_instances(peer: Peer, items: Iterable[str | os.PathLike[str] | Dataset],
+                   on_response: Callable[[int, StoreResult], None] | None = None) -> list[StoreResult]:
     """C-STORE files or data sets to ``peer``, one result per item in order.
+
+    ``on_response(index, result)`` is called as each of the peer's answers arrives, before the next
+    instance is sent and before the association is released (the outbox commits a delivery there).
 
     Files are sent as stored (no decoding or re-encoding) in their own transfer syntax; data sets
     are encoded by pynetdicom. Presentation contexts come from the items' SOP classes and transfer
@@ -335,11 +339,12 @@ def send_instances(peer: Peer, items: Iterable[str | os.PathLike[str] | Dataset]
     if current:
         batches.append(current)
     for batch in batches:
-        results.update(_send_batch(peer, [(i, prepared[i]) for i in batch]))
+        results.update(_send_batch(peer, [(i, prepared[i]) for i in batch], on_response))
     return [results[i] for i in range(len(prepared))]
 
 
-def _send_batch(peer: Peer, batch: list[tuple[int, _Item]]) -> dict[int, StoreResult]:
+def _send_batch(peer: Peer, batch: list[tuple[int, _Item]],
+                on_response: Callable[[int, StoreResult], None] | None = None) -> dict[int, StoreResult]:
     out: dict[int, StoreResult] = {}
     assoc, error = _associate(peer, _contexts([it for _, it in batch]))
     if assoc is None:
@@ -369,6 +374,8 @@ def _send_batch(peer: Peer, batch: list[tuple[int, _Item]]) -> dict[int, StoreRe
                 continue
             if rsp is not None and "Status" in rsp:
                 out[idx] = StoreResult(it.source, it.sop_instance_uid, it.sop_class_uid, int(rsp.Status))
+                if on_response is not None:
+                    on_response(idx, out[idx])
             else:
                 out[idx] = StoreResult(it.source, it.sop_instance_uid, it.sop_class_uid, None,
                                        "no response (timeout or association aborted)")

@@ -52,7 +52,11 @@ class SegmentSpec:
     def validate(self) -> None:
         """Raise ValueError naming the field when a value cannot be written."""
         if not self.label.strip() or len(self.label) > 64:
-            raise ValueError(f"Segment label '{self.label}' must be 1 to 64 characters.")
+            shown = self.label if len(self.label) <= 80 else self.label[:80] + f"... ({len(self.label)} characters)"
+            raise ValueError(f"Segment label '{shown}' must be 1 to 64 characters.")
+        if any(ord(c) < 32 or ord(c) == 127 or c == "\\" for c in self.label):
+            raise ValueError(f"Segment label {self.label!r} holds a control character or a backslash, which a "
+                             "DICOM LO value (SegmentLabel, PS3.5 6.2) cannot hold.")
         try:
             hd.color.CIELabColor.from_string(self.color)
         except ValueError as exc:

@@ -20,7 +20,7 @@ from pydicom.uid import UID
 
 from dicom_io.errors import DicomInputError, NotDicomError, SeriesError
 from dicom_io.geometry import Geometry
-from dicom_io.sources import DEFAULT_MAX_ZIP_BYTES, DEFAULT_MAX_ZIP_MEMBERS, collect_files
+from dicom_io.sources import DEFAULT_MAX_ZIP_BYTES, DEFAULT_MAX_ZIP_MEMBERS, DEFAULT_MAX_ZIP_RATIO, collect_files
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def load_series(
     max_zip_bytes: int = DEFAULT_MAX_ZIP_BYTES,
     max_zip_members: int = DEFAULT_MAX_ZIP_MEMBERS,
     keep_pixel_data: bool = False,
+    max_zip_ratio: float = DEFAULT_MAX_ZIP_RATIO,
 ) -> Series:
     """Load one image series from folders, files and/or zip archives.
 
@@ -155,7 +156,7 @@ def load_series(
         Folder to extract archives into; a temporary folder (removed afterwards) when None.
     spacing_tolerance
         Relative deviation of a slice step from the median step tolerated before a gap is declared.
-    max_zip_bytes, max_zip_members
+    max_zip_bytes, max_zip_members, max_zip_ratio
         Zip archive limits (see :func:`dicom_io.sources.extract_zip`).
     keep_pixel_data
         Keep the pixel data in ``Series.source_datasets`` (dropped by default).
@@ -180,9 +181,9 @@ def load_series(
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="ainode-dicom-") as tmp:
             return _load(inputs, series_uid, Path(tmp), spacing_tolerance, max_zip_bytes,
-                         max_zip_members, keep_pixel_data)
+                         max_zip_members, keep_pixel_data, max_zip_ratio)
     return _load(inputs, series_uid, Path(workdir), spacing_tolerance, max_zip_bytes,
-                 max_zip_members, keep_pixel_data)
+                 max_zip_members, keep_pixel_data, max_zip_ratio)
 
 
 def _load(
@@ -193,8 +194,10 @@ def _load(
     max_zip_bytes: int,
     max_zip_members: int,
     keep_pixel_data: bool,
+    max_zip_ratio: float = DEFAULT_MAX_ZIP_RATIO,
 ) -> Series:
-    files = collect_files(inputs, workdir, max_zip_bytes=max_zip_bytes, max_zip_members=max_zip_members)
+    files = collect_files(inputs, workdir, max_zip_bytes=max_zip_bytes, max_zip_members=max_zip_members,
+                          max_zip_ratio=max_zip_ratio)
     datasets: list[Dataset] = []
     names: list[str] = []
     for path in files:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -10,6 +11,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -25,8 +27,14 @@ DEFAULT_MAX_ZIP_MEMBERS = 20000
 #: Largest compression ratio (uncompressed : compressed) of a member bigger than :data:`RATIO_FLOOR_BYTES`.
 #: Real DICOM compresses a few times, a synthetic phantom with much air some tens of times; 200:1 is a bomb.
 DEFAULT_MAX_ZIP_RATIO = 200.0
-#: Members up to this size are not checked for their ratio (a small all-zero file is no threat).
-RATIO_FLOOR_BYTES = 8 * 1024 * 1024
+#: Members (and archives, uncompressed) up to this size are not checked for their ratio (a small all-zero file is
+#: no threat). Above it, a member and the archive as a whole must stay within the ratio, so many small bombs
+#: (200 members of 8 MB of zeros) are refused like one big one.
+RATIO_FLOOR_BYTES = 1024 * 1024
+#: Bytes of a file without a DICM preamble that :func:`is_dicom_file` parses, and data elements it reads, at
+#: most: a non-DICOM member costs a bounded probe, never a forced read of the whole file.
+PROBE_BYTES = 64 * 1024
+PROBE_ELEMENTS = 256
 
 _CHUNK = 1024 * 1024
 
@@ -50,11 +58,27 @@ def is_dicom_file(path: Path) -> bool:
     if has_dicm_preamble(path):
         return True
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(PROBE_BYTES)
+    except OSError:
+        return False
+    # A data set starts with its lowest group: 0x0008 (SOP Common, Identification) in practice, or 0x0002
+    # (file meta without preamble), in either byte order. Anything else (zeros, text) is not read further.
+    if len(head) < 8 or head[:2] not in (b"\x08\x00", b"\x02\x00", b"\x00\x08", b"\x00\x02"):
+        return False
+    seen = 0
+
+    def stop(tag: Any, vr: Any, length: Any) -> bool:  # parse the head only, up to SOPInstanceUID (0008,0018)
+        nonlocal seen
+        seen += 1
+        return seen > PROBE_ELEMENTS or int(tag) > 0x00080018
+
+    try:
         # Forced reads of junk may emit pydicom parsing warnings; they are expected for non-DICOM
         # files, which we reject anyway, so they are silenced just for this probe.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = pydicom.filereader.read_partial(io.BytesIO(head), stop_when=stop, defer_size=1024, force=True)
             return bool(ds.get("SOPClassUID")) and bool(ds.get("SOPInstanceUID"))
     except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
         return False
@@ -116,8 +140,9 @@ def extract_zip(
     symbolic links). The total size is bounded twice: by the sizes the archive declares, and by the
     bytes actually decompressed (a member that inflates beyond its declared size is refused), so a
     zip bomb cannot fill the disk; a member above :data:`RATIO_FLOOR_BYTES` that inflates more than
-    ``max_zip_ratio`` times its compressed size is refused before it is extracted. Encrypted members
-    are refused.
+    ``max_zip_ratio`` times its compressed size is refused before it is extracted, and so is an
+    archive above :data:`RATIO_FLOOR_BYTES` whose members together do (many small bombs). Encrypted
+    members are refused.
 
     Parameters
     ----------
@@ -152,13 +177,15 @@ def extract_zip(
         infos = zf.infolist()
         if len(infos) > max_zip_members:
             raise UnsafeArchiveError(
-                f"{archive.name}: {len(infos)} members, more than the {max_zip_members} allowed."
+                f"{archive.name}: {len(infos)} members, more than the {max_zip_members} allowed "
+                "(input.max_zip_members)."
             )
         targets = [(info, _member_target(info, archive, dest)) for info in infos]
         declared = sum(info.file_size for info in infos)
         if declared > max_zip_bytes:
             raise UnsafeArchiveError(
-                f"{archive.name}: declares {declared} uncompressed bytes, more than the {max_zip_bytes} allowed."
+                f"{archive.name}: declares {declared} uncompressed bytes, more than the {max_zip_bytes} allowed "
+                "(input.max_zip_bytes)."
             )
         for info in infos:
             if info.flag_bits & 0x1:
@@ -168,8 +195,16 @@ def extract_zip(
                 if ratio > max_zip_ratio:
                     raise UnsafeArchiveError(
                         f"{archive.name}: member '{info.filename}' inflates {ratio:.0f}:1 ({info.compress_size} to "
-                        f"{info.file_size} bytes), more than the {max_zip_ratio:.0f}:1 allowed (a zip bomb?); refused."
+                        f"{info.file_size} bytes), more than the {max_zip_ratio:.0f}:1 allowed "
+                        "(input.max_zip_ratio; a zip bomb?); refused."
                     )
+        compressed = sum(info.compress_size for info in infos)
+        if max_zip_ratio and declared > RATIO_FLOOR_BYTES and declared / max(compressed, 1) > max_zip_ratio:
+            raise UnsafeArchiveError(
+                f"{archive.name}: its {len(infos)} members inflate {declared / max(compressed, 1):.0f}:1 "
+                f"({compressed} to {declared} bytes), more than the {max_zip_ratio:.0f}:1 allowed "
+                "(input.max_zip_ratio; a zip bomb?); refused."
+            )
         seen: set[Path] = set()
         out: list[Path] = []
         total = 0
@@ -194,7 +229,7 @@ def extract_zip(
                         if total > max_zip_bytes:
                             raise UnsafeArchiveError(
                                 f"{archive.name}: more than the {max_zip_bytes} uncompressed bytes allowed "
-                                f"(at member '{info.filename}')."
+                                f"(input.max_zip_bytes; at member '{info.filename}')."
                             )
                         dst.write(chunk)
             except UnsafeArchiveError:
@@ -227,6 +262,7 @@ def collect_files(
     *,
     max_zip_bytes: int = DEFAULT_MAX_ZIP_BYTES,
     max_zip_members: int = DEFAULT_MAX_ZIP_MEMBERS,
+    max_zip_ratio: float = DEFAULT_MAX_ZIP_RATIO,
 ) -> list[Path]:
     """Find the DICOM files in folders (recursively), explicit files and zip archives.
 
@@ -240,7 +276,7 @@ def collect_files(
     workdir
         Folder where zip archives are extracted (each into its own subfolder); required only when
         an archive is among the inputs. The caller owns and removes it.
-    max_zip_bytes, max_zip_members
+    max_zip_bytes, max_zip_members, max_zip_ratio
         Limits per archive, see :func:`extract_zip`.
 
     Returns
@@ -278,7 +314,8 @@ def collect_files(
                 n_zip += 1
                 dest = Path(workdir) / f"zip{n_zip:03d}_{path.stem}"
                 members = extract_zip(
-                    path, dest, max_zip_bytes=max_zip_bytes, max_zip_members=max_zip_members
+                    path, dest, max_zip_bytes=max_zip_bytes, max_zip_members=max_zip_members,
+                    max_zip_ratio=max_zip_ratio,
                 )
                 found.extend(_filter_dicom(members, f"archive {path.name}"))
             elif is_dicom_file(path):

@@ -17,14 +17,16 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from dicom_io.errors import DicomInputError
+from dicom_io.query import HEADER_KEYWORDS, SERIES_COLUMNS, STUDY_COLUMNS, IndexedAttributes
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,87 @@ CREATE TABLE IF NOT EXISTS holds (
 );
 """
 
+#: Version of the index schema (``PRAGMA user_version``). Version 0 is :data:`_SCHEMA`; :meth:`Store._migrate`
+#: brings an index up to this version when the store is opened (a new index too, by the same steps).
+INDEX_VERSION = 1
+
+# Version 1: what QIDO-RS searches need (dicom_io.query, docs/dicomweb.md "QIDO-RS"). Per study and series the
+# kept header attributes (DICOM JSON, ``attrs``; NULL until filled) and matching columns read from one instance;
+# counts and ModalitiesInStudy kept up to date by triggers; per instance its pixel-matrix attributes
+# (``header_indexed`` = 0 for instances indexed before version 1, whose header is read when asked).
+_V1_COLUMNS = {
+    "studies": ["attrs TEXT", "num_series INTEGER NOT NULL DEFAULT 0", "num_instances INTEGER NOT NULL DEFAULT 0",
+                "modalities TEXT NOT NULL DEFAULT ''"] + [f"{c} TEXT NOT NULL DEFAULT ''" for c in STUDY_COLUMNS],
+    "series": ["attrs TEXT", "num_instances INTEGER NOT NULL DEFAULT 0"]
+              + [f"{c} TEXT NOT NULL DEFAULT ''" for c in SERIES_COLUMNS],
+    "instances": ["pixel_rows INTEGER", "pixel_columns INTEGER", "bits_allocated INTEGER", "number_of_frames INTEGER",
+                  "header_indexed INTEGER NOT NULL DEFAULT 0"],
+}
+_MODALITIES = ("(SELECT COALESCE(group_concat(m, '\\'), '') FROM (SELECT DISTINCT modality AS m FROM series "
+               "WHERE study_instance_uid = {study} AND modality != '' ORDER BY m))")
+_SERIES_STUDY = "(SELECT study_instance_uid FROM series WHERE series_instance_uid = {series})"
+_V1_SQL = f"""
+CREATE INDEX IF NOT EXISTS studies_received ON studies(last_received, study_instance_uid);
+CREATE INDEX IF NOT EXISTS studies_patient_id ON studies(patient_id);
+CREATE INDEX IF NOT EXISTS studies_patient_name ON studies(patient_name_key);
+CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date);
+CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession_number);
+CREATE INDEX IF NOT EXISTS series_received ON series(last_received, series_instance_uid);
+CREATE TRIGGER IF NOT EXISTS instances_counted AFTER INSERT ON instances BEGIN
+  UPDATE series SET num_instances = num_instances + 1 WHERE series_instance_uid = NEW.series_instance_uid;
+  UPDATE studies SET num_instances = num_instances + 1
+    WHERE study_instance_uid = {_SERIES_STUDY.format(series="NEW.series_instance_uid")};
+END;
+CREATE TRIGGER IF NOT EXISTS instances_uncounted AFTER DELETE ON instances BEGIN
+  UPDATE series SET num_instances = num_instances - 1 WHERE series_instance_uid = OLD.series_instance_uid;
+  UPDATE studies SET num_instances = num_instances - 1
+    WHERE study_instance_uid = {_SERIES_STUDY.format(series="OLD.series_instance_uid")};
+END;
+CREATE TRIGGER IF NOT EXISTS instances_moved AFTER UPDATE OF series_instance_uid ON instances
+  WHEN OLD.series_instance_uid != NEW.series_instance_uid BEGIN
+  UPDATE series SET num_instances = num_instances - 1 WHERE series_instance_uid = OLD.series_instance_uid;
+  UPDATE studies SET num_instances = num_instances - 1
+    WHERE study_instance_uid = {_SERIES_STUDY.format(series="OLD.series_instance_uid")};
+  UPDATE series SET num_instances = num_instances + 1 WHERE series_instance_uid = NEW.series_instance_uid;
+  UPDATE studies SET num_instances = num_instances + 1
+    WHERE study_instance_uid = {_SERIES_STUDY.format(series="NEW.series_instance_uid")};
+END;
+CREATE TRIGGER IF NOT EXISTS series_counted AFTER INSERT ON series BEGIN
+  UPDATE studies SET num_series = num_series + 1, num_instances = num_instances + NEW.num_instances,
+    modalities = {_MODALITIES.format(study="NEW.study_instance_uid")}
+    WHERE study_instance_uid = NEW.study_instance_uid;
+END;
+CREATE TRIGGER IF NOT EXISTS series_uncounted AFTER DELETE ON series BEGIN
+  UPDATE studies SET num_series = num_series - 1, num_instances = num_instances - OLD.num_instances,
+    modalities = {_MODALITIES.format(study="OLD.study_instance_uid")}
+    WHERE study_instance_uid = OLD.study_instance_uid;
+END;
+CREATE TRIGGER IF NOT EXISTS series_changed AFTER UPDATE OF modality, study_instance_uid ON series BEGIN
+  UPDATE studies SET
+    num_series = (SELECT COUNT(*) FROM series s WHERE s.study_instance_uid = studies.study_instance_uid),
+    num_instances = (SELECT COALESCE(SUM(s.num_instances), 0) FROM series s
+                     WHERE s.study_instance_uid = studies.study_instance_uid),
+    modalities = {_MODALITIES.format(study="studies.study_instance_uid")}
+    WHERE study_instance_uid IN (OLD.study_instance_uid, NEW.study_instance_uid);
+END;
+"""
+# The counts as the triggers keep them, computed from scratch (the migration, in the transaction creating them).
+_V1_RECOUNT = f"""
+UPDATE series SET num_instances = (SELECT COUNT(*) FROM instances i
+                                   WHERE i.series_instance_uid = series.series_instance_uid);
+UPDATE studies SET
+  num_series = (SELECT COUNT(*) FROM series s WHERE s.study_instance_uid = studies.study_instance_uid),
+  num_instances = (SELECT COALESCE(SUM(s.num_instances), 0) FROM series s
+                   WHERE s.study_instance_uid = studies.study_instance_uid),
+  modalities = {_MODALITIES.format(study="studies.study_instance_uid")};
+"""
+
+#: Series whose kept attributes the migration reads per transaction.
+_MIGRATION_BATCH = 200
+
+#: Permissions of the index files (``index.sqlite`` and its ``-wal``/``-shm``): they hold patient names and IDs.
+INDEX_FILE_MODE = 0o600
+
 
 class InstanceValidationError(DicomInputError):
     """An instance cannot be stored: it cannot be decoded, or a required UID is missing or invalid.
@@ -121,6 +204,13 @@ class InstanceInfo:
     instance_number: int | None = None
     study_date: str = ""
     study_description: str = ""
+    rows: int | None = None
+    columns: int | None = None
+    bits_allocated: int | None = None
+    number_of_frames: int | None = None
+    #: Raw values of the attributes QIDO-RS keeps per study and series (:data:`dicom_io.query.HEADER_KEYWORDS`),
+    #: when read from the bytes (:meth:`from_raw`); None otherwise (the header is read when indexed).
+    kept: dict[str, bytes] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str = "", *, walk: bool = False) -> InstanceInfo:
@@ -152,6 +242,7 @@ class InstanceInfo:
             series_number = _raw_text(ds, "SeriesNumber")
             instance_number = _raw_text(ds, "InstanceNumber")
             extra = {key: _raw_text(ds, key) for key in ("SeriesDescription", "StudyDate", "StudyDescription")}
+            pixels = {key: _raw_int(ds, key) for key in ("Rows", "Columns", "BitsAllocated", "NumberOfFrames")}
         except Exception as exc:  # pydicom raises many types for broken data
             raise InstanceValidationError(f"Data set cannot be decoded: {type(exc).__name__}: {exc}") from exc
         bad = [key for key, value in values.items() if not is_valid_uid(value)]
@@ -169,6 +260,8 @@ class InstanceInfo:
             instance_number=_int(instance_number),
             study_date=_text(extra["StudyDate"]),
             study_description=_text(extra["StudyDescription"]),
+            rows=pixels["Rows"], columns=pixels["Columns"], bits_allocated=pixels["BitsAllocated"],
+            number_of_frames=pixels["NumberOfFrames"],
         )
 
     @classmethod
@@ -180,7 +273,11 @@ class InstanceInfo:
         InstanceValidationError
             ``kind="uid"`` when an identifying UID is missing or invalid.
         """
-        text = {k: v.decode("ascii", errors="replace").strip(" \x00") for k, v in values.items()}
+        order = "big" if transfer_syntax_uid == _EXPLICIT_BE else "little"
+        us = {k: int.from_bytes(values[k][:2], order) if len(values.get(k, b"")) >= 2 else None
+              for k in ("Rows", "Columns", "BitsAllocated")}
+        text = {k: v.decode("ascii", errors="replace").strip(" \x00") for k, v in values.items()
+                if k not in us}
         uids = {k: text.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
         bad = [k for k, v in uids.items() if not is_valid_uid(v)]
         if bad:
@@ -197,6 +294,9 @@ class InstanceInfo:
             instance_number=_int(text.get("InstanceNumber")),
             study_date=_text(text.get("StudyDate")),
             study_description=_text(text.get("StudyDescription")),
+            rows=us["Rows"], columns=us["Columns"], bits_allocated=us["BitsAllocated"],
+            number_of_frames=_int(text.get("NumberOfFrames")),
+            kept={k: values[k] for k in HEADER_KEYWORDS if k in values},
         )
 
     @classmethod
@@ -234,6 +334,28 @@ def _raw_text(ds: Dataset, keyword: str) -> str | None:
     return "" if value is None else str(value)
 
 
+def _raw_int(ds: Dataset, keyword: str) -> int | None:
+    """An integer element (US, IS) of ``ds``, or None when absent or not an integer."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        raw = bytes(elem.value or b"")
+        if keyword == "NumberOfFrames":  # IS: text
+            return _int(raw.decode("ascii", errors="replace").strip(" \x00"))
+        # US (Rows, Columns, BitsAllocated)
+        return int.from_bytes(raw[:2], "little" if elem.is_little_endian else "big") if len(raw) >= 2 else None
+    try:
+        value = elem.value
+        return int(value[0] if isinstance(value, (list, tuple)) else value) if value not in (None, "") else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def _text(value: Any) -> str:
     if value is None:
         return ""
@@ -261,7 +383,9 @@ INDEX_TAGS = {
     0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID", 0x00080060: "Modality", 0x00200011: "SeriesNumber",
     0x00200013: "InstanceNumber", 0x0008103E: "SeriesDescription", 0x00080020: "StudyDate",
-    0x00081030: "StudyDescription",
+    0x00081030: "StudyDescription", 0x00280010: "Rows", 0x00280011: "Columns", 0x00280100: "BitsAllocated",
+    0x00280008: "NumberOfFrames",
+    **{int(tag_for_keyword(kw)): kw for kw in HEADER_KEYWORDS},  # type: ignore[arg-type]
 }
 
 
@@ -937,14 +1061,24 @@ class Store:
         self._spare_taken_at = 0.0
         self._spare_stop = False
         self._spare_thread: threading.Thread | None = None
+        # The index holds patient names and IDs (QIDO-RS matches on them): owner-only, whatever the umask.
+        # SQLite gives its -wal and -shm files the main file's permissions.
+        if not self.db_path.exists():
+            os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, INDEX_FILE_MODE))
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         # WAL; NORMAL sync is enough because the index is rebuilt from the fsynced files on recovery.
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
+        _tighten_index_files(self.db_path)
+        # A second connection for QIDO-RS searches (:meth:`select`): with WAL, readers and the writer do not wait
+        # for each other.
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
         with self._lock:
             self._db.executescript(_SCHEMA)
+        self._migrate()
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -985,9 +1119,103 @@ class Store:
     def close(self) -> None:
         self.stop_spares()
         self.stop_journal()
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         with self._lock:
             self._db.close()
         self.release_owner_lock()
+
+    # --- index schema -------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Bring the index up to :data:`INDEX_VERSION` (see ``_V1_COLUMNS``); nothing is deleted, and a crash
+        part way through resumes at the next open.
+
+        1. One transaction adds the missing columns, the indexes and the triggers, and computes the counts the
+           triggers maintain from then on.
+        2. The kept attributes of each series (and of its study, if not yet filled) are read from the header of
+           one of its instances, :data:`_MIGRATION_BATCH` series per transaction; rows already filled are
+           skipped, so this step resumes where it stopped.
+        3. ``user_version`` is set, and later opens skip all this.
+        """
+        db = self._db
+        with self._lock:
+            if int(db.execute("PRAGMA user_version").fetchone()[0]) >= INDEX_VERSION:
+                return
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for table, columns in _V1_COLUMNS.items():
+                    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                    for column in columns:
+                        if column.split()[0] not in have:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+                for statement in _statements(_V1_SQL + _V1_RECOUNT):
+                    db.execute(statement)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            todo = int(db.execute("SELECT COUNT(*) FROM series WHERE attrs IS NULL").fetchone()[0])
+        if todo:
+            logger.info("Index migration to version %d: reading the attributes of %d series", INDEX_VERSION, todo)
+        after = -1
+        done = 0
+        while True:
+            with self._lock:
+                batch = db.execute(
+                    "SELECT rowid, series_instance_uid, study_instance_uid, (SELECT path FROM instances i "
+                    "WHERE i.series_instance_uid = s.series_instance_uid ORDER BY instance_number, sop_instance_uid "
+                    "LIMIT 1) AS path FROM series s WHERE attrs IS NULL AND rowid > ? ORDER BY rowid LIMIT ?",
+                    (after, _MIGRATION_BATCH)).fetchall()
+            if not batch:
+                break
+            after = batch[-1]["rowid"]
+            read = [(r["series_instance_uid"], r["study_instance_uid"],
+                     _read_attributes(r["path"], r["series_instance_uid"])) for r in batch]
+            with self._lock:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for series_uid, study_uid, attrs in read:
+                        _fill_attributes(db, series_uid, study_uid, attrs)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            done += len(batch)
+            if done % (_MIGRATION_BATCH * 50) == 0:
+                logger.info("Index migration: %d of %d series read", done, todo)
+        with self._lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("UPDATE studies SET attrs = '{}' WHERE attrs IS NULL")  # no instance to read
+                db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        if todo:
+            logger.info("Index migration to version %d done", INDEX_VERSION)
+
+    def select(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query on the index (QIDO-RS, :mod:`dicom_io.query`), once acknowledged instances
+        are placed; on a connection of its own, so a long answer does not hold up indexing.
+
+        Raises
+        ------
+        sqlite3.Error
+            When the statement fails (a query that would write is refused: ``query_only``).
+        """
+        self.settle()
+        with self._reader_lock:
+            if self._reader is None:
+                reader = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30.0)
+                reader.row_factory = sqlite3.Row
+                reader.execute("PRAGMA query_only=1")
+                reader.execute("PRAGMA busy_timeout=30000")
+                self._reader = reader
+            return self._reader.execute(sql, tuple(args)).fetchall()
 
     # --- spare files ----------------------------------------------------------------------------
 
@@ -1374,9 +1602,10 @@ class Store:
                     failure = exc
                     break
                 done.append(item)
+            attrs = self._new_series_attributes(rows)  # file reads, outside the lock
             try:
                 with self._lock:
-                    self._index_many(rows)
+                    self._index_many(rows, attrs=attrs)
             except sqlite3.Error as exc:
                 failure, done = OSError(errno.EIO, f"index: {exc}"), []
             with self._queue_cv:
@@ -1534,6 +1763,8 @@ class Store:
         results: list[PutResult] = []
         rows: list[tuple[InstanceInfo, Path, int, float, str, str]] = []
         dirs: set[Path] = set()
+        # The kept attributes of new series, read from the staged files before taking the lock.
+        attrs = self._new_series_attributes([(st.info, st.tmp) for st in staged])
         with self._lock:
             try:
                 held = self._rows([st.info.sop_instance_uid for st in staged])
@@ -1559,7 +1790,7 @@ class Store:
                 for info, final, *_ in rows:
                     _unlink_quietly(final)
                 raise
-            self._index_many(rows)
+            self._index_many(rows, attrs=attrs)
         return results
 
     def discard_staged(self, staged: Sequence[StagedInstance]) -> None:
@@ -1893,43 +2124,92 @@ class Store:
     ) -> None:
         self._index_many([(info, path, size, when, calling_ae_title, kind)], stable=stable)
 
-    def _index_many(self, rows: Sequence[tuple[InstanceInfo, Path, int, float, str, str]], stable: bool = False) -> None:
-        """Insert index rows (instance, series, study) in one transaction."""
+    def _index_many(self, rows: Sequence[tuple[InstanceInfo, Path, int, float, str, str]], stable: bool = False,
+                    attrs: dict[str, IndexedAttributes] | None = None) -> None:
+        """Insert index rows (study, series, instance: the triggers count in that order) in one transaction.
+
+        A series the index does not know yet gets its kept attributes (and its study's, for a new study)
+        from the header of its first instance (:class:`dicom_io.query.IndexedAttributes`): ``attrs`` when the
+        caller read them (outside the lock), else read here.
+        """
         if not rows:
             return
         db = self._db
+        if attrs is None:
+            attrs = self._new_series_attributes(rows)
         db.execute("BEGIN IMMEDIATE")
         try:
-            # Row by row in the order given (the last row of a series sets its stable_at), three statements.
+            study_cols = ", ".join(STUDY_COLUMNS)
             db.executemany(
-                "INSERT OR REPLACE INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, "
-                "study_instance_uid, transfer_syntax_uid, instance_number, path, size, received_at, "
-                "calling_ae_title, kind) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [(info.sop_instance_uid, info.sop_class_uid, info.series_instance_uid, info.study_instance_uid,
-                  info.transfer_syntax_uid, info.instance_number, str(path), size, when, calling_ae_title, kind)
-                 for info, path, size, when, calling_ae_title, kind in rows],
+                f"INSERT INTO studies (study_instance_uid, study_date, study_description, last_received, attrs, "
+                f"{study_cols}) VALUES (?,?,?,?,?{',?' * len(STUDY_COLUMNS)}) ON CONFLICT(study_instance_uid) DO "
+                "UPDATE SET last_received=MAX(last_received, excluded.last_received), "
+                + ", ".join(f"{c}=CASE WHEN attrs IS NULL AND excluded.attrs IS NOT NULL THEN excluded.{c} ELSE {c} END"
+                            for c in STUDY_COLUMNS)
+                + ", attrs=COALESCE(attrs, excluded.attrs)",
+                [(info.study_instance_uid, info.study_date, info.study_description, when,
+                  *_study_values(attrs.get(info.series_instance_uid)))
+                 for info, _path, _size, when, _ae, _kind in rows],
             )
+            series_cols = ", ".join(SERIES_COLUMNS)
             db.executemany(
                 "INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number, "
-                "series_description, calling_ae_title, kind, first_received, last_received, stable_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(series_instance_uid) DO UPDATE SET "
-                "last_received=MAX(last_received, excluded.last_received), stable_at=excluded.stable_at",
+                f"series_description, calling_ae_title, kind, first_received, last_received, stable_at, attrs, "
+                f"{series_cols}) VALUES (?,?,?,?,?,?,?,?,?,?,?{',?' * len(SERIES_COLUMNS)}) "
+                "ON CONFLICT(series_instance_uid) DO UPDATE SET "
+                "last_received=MAX(last_received, excluded.last_received), stable_at=excluded.stable_at, "
+                + ", ".join(f"{c}=CASE WHEN attrs IS NULL AND excluded.attrs IS NOT NULL THEN excluded.{c} ELSE {c} END"
+                            for c in SERIES_COLUMNS)
+                + ", attrs=COALESCE(attrs, excluded.attrs)",
                 [(info.series_instance_uid, info.study_instance_uid, info.modality, info.series_number,
                   info.series_description, calling_ae_title, kind, when, when,
-                  when if (stable or kind != KIND_RECEIVED) else None)
+                  when if (stable or kind != KIND_RECEIVED) else None,
+                  *_series_values(attrs.get(info.series_instance_uid)))
                  for info, _path, _size, when, calling_ae_title, kind in rows],
             )
+            # Row by row in the order given (the last row of a series sets its stable_at). An upsert, not
+            # INSERT OR REPLACE: a replaced row would be counted again by the insert trigger.
             db.executemany(
-                "INSERT INTO studies (study_instance_uid, study_date, study_description, last_received) "
-                "VALUES (?,?,?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
-                "last_received=MAX(last_received, excluded.last_received)",
-                [(info.study_instance_uid, info.study_date, info.study_description, when)
-                 for info, _path, _size, when, _ae, _kind in rows],
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, "
+                "study_instance_uid, transfer_syntax_uid, instance_number, path, size, received_at, "
+                "calling_ae_title, kind, pixel_rows, pixel_columns, bits_allocated, number_of_frames, "
+                "header_indexed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,1) ON CONFLICT(sop_instance_uid) DO UPDATE SET "
+                "sop_class_uid=excluded.sop_class_uid, series_instance_uid=excluded.series_instance_uid, "
+                "study_instance_uid=excluded.study_instance_uid, transfer_syntax_uid=excluded.transfer_syntax_uid, "
+                "instance_number=excluded.instance_number, path=excluded.path, size=excluded.size, "
+                "received_at=excluded.received_at, calling_ae_title=excluded.calling_ae_title, kind=excluded.kind, "
+                "delivered_at=NULL, pixel_rows=excluded.pixel_rows, pixel_columns=excluded.pixel_columns, "
+                "bits_allocated=excluded.bits_allocated, number_of_frames=excluded.number_of_frames, "
+                "header_indexed=1",
+                [(info.sop_instance_uid, info.sop_class_uid, info.series_instance_uid, info.study_instance_uid,
+                  info.transfer_syntax_uid, info.instance_number, str(path), size, when, calling_ae_title, kind,
+                  info.rows, info.columns, info.bits_allocated, info.number_of_frames)
+                 for info, path, size, when, calling_ae_title, kind in rows],
             )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _new_series_attributes(self, rows: Sequence[tuple[Any, ...]]) -> dict[str, IndexedAttributes]:
+        """Kept attributes of the series of ``rows`` (``(info, path, ...)``) that the index has none for yet, from
+        one header each. A series indexed meanwhile by another thread is harmless: the upsert keeps the first."""
+        uids = list({info.series_instance_uid: None for info, *_ in rows})
+        known: set[str] = set()
+        with self._lock:  # briefly: the writer's connection (a long search holds the reader's)
+            for i in range(0, len(uids), 500):
+                chunk = uids[i:i + 500]
+                known.update(r[0] for r in self._db.execute(
+                    f"SELECT series_instance_uid FROM series WHERE attrs IS NOT NULL AND series_instance_uid IN "
+                    f"({','.join('?' * len(chunk))})", chunk))
+        out = {}
+        for info, path, *_ in rows:
+            uid = info.series_instance_uid
+            if uid in known or uid in out:
+                continue
+            attrs = IndexedAttributes.from_raw(info.kept) if info.kept is not None else None
+            out[uid] = attrs if attrs is not None else _read_attributes(path, uid)
+        return out
 
     def _drop_empty_series(self) -> None:
         db = self._db
@@ -1948,6 +2228,61 @@ class Store:
         ).fetchall():
             db.execute("DELETE FROM studies WHERE study_instance_uid=?", (study_uid,))
             _rmdir_quietly(self.instances_dir / study_uid)
+
+
+def _read_attributes(path: str | os.PathLike[str] | None, series_uid: str) -> IndexedAttributes:
+    """The kept attributes of a series from one of its files; empty ones when it cannot be read (logged)."""
+    if path is None:
+        return IndexedAttributes()
+    try:
+        return IndexedAttributes.from_file(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("Index: the header of series %s cannot be read (%s); it is searchable by UID only",
+                       series_uid, type(exc).__name__)
+        return IndexedAttributes()
+
+
+def _study_values(attrs: IndexedAttributes | None) -> list[Any]:
+    if attrs is None:
+        return [None] + [""] * len(STUDY_COLUMNS)
+    return [attrs.study_json] + [attrs.study_columns.get(c, "") for c in STUDY_COLUMNS]
+
+
+def _series_values(attrs: IndexedAttributes | None) -> list[Any]:
+    if attrs is None:
+        return [None] + [""] * len(SERIES_COLUMNS)
+    return [attrs.series_json] + [attrs.series_columns.get(c, "") for c in SERIES_COLUMNS]
+
+
+def _fill_attributes(db: sqlite3.Connection, series_uid: str, study_uid: str, attrs: IndexedAttributes) -> None:
+    """Set a series' kept attributes, and its study's when not yet set (the migration)."""
+    db.execute(f"UPDATE series SET attrs=?, {', '.join(f'{c}=?' for c in SERIES_COLUMNS)} "
+               "WHERE series_instance_uid=? AND attrs IS NULL", (*_series_values(attrs), series_uid))
+    db.execute(f"UPDATE studies SET attrs=?, {', '.join(f'{c}=?' for c in STUDY_COLUMNS)} "
+               "WHERE study_instance_uid=? AND attrs IS NULL", (*_study_values(attrs), study_uid))
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script one by one (``executescript`` would commit the transaction first)."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf
+            buf = ""
+
+
+def _tighten_index_files(db_path: Path) -> None:
+    """Give the index and its WAL files :data:`INDEX_FILE_MODE` (an index made before, or under a wide umask)."""
+    for suffix in ("", "-wal", "-shm"):
+        path = db_path.with_name(db_path.name + suffix)
+        try:
+            if statmod.S_IMODE(os.lstat(path).st_mode) != INDEX_FILE_MODE:
+                os.chmod(path, INDEX_FILE_MODE, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        except (OSError, NotImplementedError) as exc:
+            logger.warning("Cannot restrict the permissions of %s: %s", path.name, exc)
 
 
 def _instance(r: sqlite3.Row) -> InstanceRecord:

@@ -15,14 +15,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from config.settings import Settings
 from dicom_io.store import Store
 from node.dicomweb import DicomwebConfig, dicomweb_routes
 from node.errors import NodeError
 from node.prompt_page import prompt_page_routes
-from node.viewer import viewer_routes
+from node.viewer import ohif_ai_routes, viewer_routes
 from node.scp import StoredInstance
 
 # anyio imports its file I/O lazily, at the first FileResponse, on the server's thread while other threads
@@ -75,9 +75,15 @@ def create_app(
                                      allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
                                      expose_headers=["Content-Type", "Warning"]))
     dicomweb: Any = Starlette(routes=dicomweb_routes(cfg))
+    own: list[BaseRoute] = [Route("/health", _health), Mount("/dicomweb", app=dicomweb), *prompt_page_routes(),
+                            *viewer_routes(settings), *routes]
+    # The OHIF-AI viewer (viewer.ohif_ai_dist) at the site root: it answers only paths no other route owns.
+    reserved = _first_segments(own)
+    site = ohif_ai_routes(settings, reserved)
     # Every route (API, DICOMweb, pages) behind the bearer tokens and roles of api.tokens (node/api/auth.py),
     # then the request guard: body size limit and path tricks (node/api/guard.py); docs/security.md.
-    from node.api.auth import AuthMiddleware, parse_tokens
+    from node.api import monailabel_root_path
+    from node.api.auth import AuthMiddleware, parse_tokens, route_roles
     from node.api.guard import RequestGuardMiddleware
 
     tokens = getattr(getattr(settings, "api", None), "tokens", ())
@@ -87,15 +93,30 @@ def create_app(
         from node.errors import ConfigurationError
 
         raise ConfigurationError(str(exc)) from exc
-    middleware.append(Middleware(AuthMiddleware, tokens=tokens))
+    rules = route_roles(monailabel_root_path(settings.api.monailabel_root_path), reserved if site else None)
+    middleware.append(Middleware(AuthMiddleware, tokens=tokens, rules=rules))
     middleware.append(Middleware(RequestGuardMiddleware, max_body_bytes=settings.api.max_upload_bytes))
     return Starlette(
-        # The prompt page (GET /, /prompt/...) precedes the API's catch-all mount.
-        routes=[Route("/health", _health), Mount("/dicomweb", app=dicomweb), *prompt_page_routes(),
-                *viewer_routes(settings), *routes],
+        # The prompt page (GET /, /prompt/...) precedes the API's catch-all mount; the OHIF-AI viewer, when
+        # served, precedes both (it leaves the node's own paths alone).
+        routes=[*own[:2], *site, *own[2:]],
         middleware=middleware,
         exception_handlers={NodeError: _node_error},
     )
+
+
+def _first_segments(routes: Sequence[BaseRoute]) -> frozenset[str]:
+    """First path segments of a route tree (``dicomweb``, ``v1``, ``info``...), through ``Mount("")``."""
+    out: set[str] = set()
+    for route in routes:
+        path = getattr(route, "path", "")
+        if isinstance(route, Mount) and not path:
+            out |= _first_segments(route.routes)
+            continue
+        first = path.split("/")[1] if path.startswith("/") and len(path) > 1 else ""
+        if first and not first.startswith("{"):
+            out.add(first)
+    return frozenset(out)
 
 
 class HttpServer:

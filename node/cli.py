@@ -220,6 +220,7 @@ def _cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
                 spacing_tolerance=settings.input.spacing_tolerance,
                 max_zip_bytes=settings.input.max_zip_bytes,
                 max_zip_members=settings.input.max_zip_members,
+                max_zip_ratio=settings.input.max_zip_ratio,
             )
         timings["load"] = time.perf_counter() - t
         for warning in series.warnings:

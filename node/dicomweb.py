@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fnmatch
 import io
 import logging
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +23,7 @@ from starlette.routing import Route
 
 from dicom_io.dicomweb import store_part
 from dicom_io.multipart import MultipartError, MultipartParser, SpooledPart, new_boundary, parse_content_type
+from dicom_io.query import Level, parse_search, search
 from dicom_io.store import InstanceRecord, InstanceValidationError, Store, StoreFullError, is_valid_uid
 from node import status
 from node.scp import StoredInstance
@@ -34,25 +33,6 @@ logger = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 #: Failure reason for an instance of another study than the STOW-RS URL names (as dcm4chee-arc uses).
 STUDY_MISMATCH = 0xC409
-
-# Attributes returned by QIDO-RS per level (PS3.18 table 10.6.3-3, plus what OHIF shows).
-STUDY_TAGS = (
-    "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName", "PatientName",
-    "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
-    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "InstitutionName",
-)
-SERIES_TAGS = (
-    "Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID", "NumberOfSeriesRelatedInstances",
-    "SeriesDate", "SeriesTime", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
-    "BodyPartExamined",
-)
-INSTANCE_TAGS = (
-    "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames",
-    "AvailableTransferSyntaxUID",
-)
-_LEVEL_TAGS = {"study": STUDY_TAGS, "series": STUDY_TAGS + SERIES_TAGS,
-               "instance": STUDY_TAGS + SERIES_TAGS + INSTANCE_TAGS}
-_PAGING = {"limit", "offset", "includefield", "fuzzymatching"}
 
 # Content types of encapsulated frames by transfer syntax (PS3.18 table 8.7.3-2).
 _FRAME_TYPES = {
@@ -256,193 +236,19 @@ def _base_url(request: Request) -> str:
 # --- QIDO-RS --------------------------------------------------------------------------------
 
 
-def _attr_tag(key: str) -> int | None:
-    key = key.strip()
-    if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key):
-        return int(key, 16)
-    tag = tag_for_keyword(key)
-    return int(tag) if tag is not None else None
-
-
-def _value_strings(ds: Dataset, tag: int) -> list[str]:
-    if tag not in ds:
-        return []
-    value = ds[tag].value
-    if value is None or value == "":
-        return []
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [str(v) for v in value]
-    return [str(value)]
-
-
-def _matches(ds: Dataset, tag: int, pattern: str) -> bool:
-    """PS3.4 C.2.2.2 matching: single value, wildcard (* ?), UID list, range (for DA/TM/DT)."""
-    values = _value_strings(ds, tag)
-    if pattern == "":
-        return True
+def _search(request: Request, cfg: DicomwebConfig, cache: _HeaderCache, level: Level,
+            study: str | None = None, series: str | None = None) -> Response:
+    """Search for studies, series or instances (PS3.18 10.6) from the store's index (:mod:`dicom_io.query`)."""
     try:
-        vr = dictionary_VR(tag)
-    except KeyError:
-        vr = "LO"
-    if vr == "UI":
-        wanted = {p.strip() for p in pattern.replace("\\", ",").split(",") if p.strip()}
-        return any(v in wanted for v in values)
-    if vr in ("DA", "TM", "DT") and "-" in pattern:
-        lo, _, hi = pattern.partition("-")
-        return any((not lo or v >= lo) and (not hi or v <= hi) for v in values)
-    alternatives = [p for p in pattern.split(",")] if vr in ("CS",) else [pattern]
-    fold = vr == "PN"
-    for alt in alternatives:
-        for v in values:
-            a, b = (v.lower(), alt.lower()) if fold else (v, alt)
-            if "*" in b or "?" in b:
-                if fnmatch.fnmatchcase(a, b):
-                    return True
-            elif a == b:
-                return True
-    return False
-
-
-def _to_json(ds: Dataset) -> dict[str, Any]:
-    return ds.to_json_dict(bulk_data_threshold=1 << 30)
-
-
-class _Index:
-    """QIDO-RS views built from the store's index plus one parsed header per study, series or instance."""
-
-    def __init__(self, cfg: DicomwebConfig, cache: _HeaderCache) -> None:
-        self.cfg = cfg
-        self.cache = cache
-
-    def _header(self, rec: InstanceRecord) -> Dataset:
-        return self.cache.get(rec.path)
-
-    def study_rows(self, study_uid: str | None = None) -> list[tuple[Dataset, Dataset]]:
-        store = self.cfg.store
-        out = []
-        for st in store.studies():
-            if study_uid is not None and st.study_instance_uid != study_uid:
-                continue
-            series = store.series(st.study_instance_uid)
-            first = next((store.instances(s.series_instance_uid)[:1] for s in series if s.num_instances), [])
-            if not first:
-                continue
-            header = self._header(first[0])
-            ds = Dataset()
-            for kw in STUDY_TAGS:
-                if kw in header:
-                    ds.add(header[kw])
-            ds.StudyInstanceUID = st.study_instance_uid
-            ds.ModalitiesInStudy = sorted({s.modality for s in series if s.modality})
-            ds.NumberOfStudyRelatedSeries = len(series)
-            ds.NumberOfStudyRelatedInstances = st.num_instances
-            out.append((ds, header))
-        return out
-
-    def series_rows(self, study_uid: str | None = None, series_uid: str | None = None) -> list[tuple[Dataset, Dataset]]:
-        store = self.cfg.store
-        out = []
-        for s in store.series(study_uid):
-            if series_uid is not None and s.series_instance_uid != series_uid:
-                continue
-            first = store.instances(s.series_instance_uid)[:1]
-            if not first:
-                continue
-            header = self._header(first[0])
-            ds = Dataset()
-            for kw in STUDY_TAGS + SERIES_TAGS:
-                if kw in header:
-                    ds.add(header[kw])
-            ds.StudyInstanceUID = s.study_instance_uid
-            ds.SeriesInstanceUID = s.series_instance_uid
-            ds.Modality = s.modality or header.get("Modality", "")
-            ds.NumberOfSeriesRelatedInstances = s.num_instances
-            out.append((ds, header))
-        return out
-
-    def instance_rows(self, study_uid: str | None = None, series_uid: str | None = None,
-                      sop_uid: str | None = None) -> list[tuple[Dataset, Dataset]]:
-        store = self.cfg.store
-        out = []
-        for s in store.series(study_uid):
-            if series_uid is not None and s.series_instance_uid != series_uid:
-                continue
-            for rec in store.instances(s.series_instance_uid):
-                if sop_uid is not None and rec.sop_instance_uid != sop_uid:
-                    continue
-                header = self._header(rec)
-                ds = Dataset()
-                for kw in STUDY_TAGS + SERIES_TAGS + INSTANCE_TAGS:
-                    if kw in header:
-                        ds.add(header[kw])
-                ds.StudyInstanceUID = rec.study_instance_uid
-                ds.SeriesInstanceUID = rec.series_instance_uid
-                ds.SOPInstanceUID = rec.sop_instance_uid
-                ds.SOPClassUID = rec.sop_class_uid
-                if rec.transfer_syntax_uid:
-                    ds.AvailableTransferSyntaxUID = rec.transfer_syntax_uid
-                out.append((ds, header))
-        return out
-
-
-def _qido(request: Request, rows: list[tuple[Dataset, Dataset]], level: str) -> Response:
-    query = request.query_params
-    include: set[int] = set()
-    include_all = False
-    for raw in query.getlist("includefield"):
-        for key in raw.split(","):
-            if key.strip().lower() == "all":
-                include_all = True
-            elif key.strip():
-                tag = _attr_tag(key)
-                if tag is None:
-                    return _error(400, f'includefield "{key}" is not a known attribute.')
-                include.add(tag)
-    filters: list[tuple[int, str]] = []
-    for key, value in query.multi_items():
-        if key.lower() in _PAGING:
-            continue
-        tag = _attr_tag(key)
-        if tag is None:
-            return _error(400, f'Query key "{key}" is not a known attribute.')
-        filters.append((tag, value))
-    try:
-        limit = int(query["limit"]) if "limit" in query else None
-        offset = int(query.get("offset", "0") or 0)
-        if (limit is not None and limit < 0) or offset < 0:
-            raise ValueError
-    except ValueError:
-        return _error(400, "limit and offset must be non-negative integers.")
-    matched = []
-    for ds, header in rows:
-        ok = True
-        for tag, pattern in filters:
-            source = ds if tag in ds else header
-            if not _matches(source, tag, pattern):
-                ok = False
-                break
-        if ok:
-            matched.append((ds, header))
-    page = matched[offset:offset + limit] if limit is not None else matched[offset:]
-    out = []
-    for ds, header in page:
-        result = Dataset()
-        result.update(ds)
-        for tag, _pattern in filters:  # matching keys are returned (PS3.18 10.6.3.3.1)
-            if tag not in result and tag in header:
-                result.add(header[tag])
-        if include_all:
-            for elem in header:
-                if elem.tag not in result and elem.tag.group != 0x0002 and elem.tag != 0x7FE00010:
-                    result.add(elem)
-        for tag in include:
-            if tag not in result and tag in header:
-                result.add(header[tag])
-        out.append(_to_json(result))
-    headers = {}
-    if limit is not None and len(matched) > offset + limit:
-        headers["Warning"] = '299 ainode: "There are additional results that can be requested"'
-    return JSONResponse(out, media_type=DICOM_JSON, headers=headers)
+        query = parse_search(level, request.query_params.multi_items(), study_uid=study, series_uid=series)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    result = search(cfg.store.select, query, cache.get)
+    if level is Level.SERIES and study is not None and not result.count and not cfg.store.select(
+            "SELECT 1 FROM series WHERE study_instance_uid=? LIMIT 1", (study,)):
+        return _error(404, f"Study {study} is not held.")
+    headers = {"Warning": ", ".join(result.warnings)} if result.warnings else {}
+    return Response(result.body.encode("utf-8"), media_type=DICOM_JSON, headers=headers)
 
 
 # --- WADO-RS --------------------------------------------------------------------------------
@@ -572,7 +378,6 @@ class DicomwebRoutes:
     def __init__(self, cfg: DicomwebConfig) -> None:
         self.cfg = cfg
         self.cache = _HeaderCache(cfg.cache_size)
-        self.index = _Index(cfg, self.cache)
 
     # STOW
     async def stow(self, request: Request) -> Response:
@@ -581,8 +386,7 @@ class DicomwebRoutes:
     async def studies(self, request: Request) -> Response:
         if request.method == "POST":
             return await _stow(request, self.cfg)
-        rows = await run_in_threadpool(self.index.study_rows)
-        return _qido(request, rows, "study")
+        return await run_in_threadpool(_search, request, self.cfg, self.cache, Level.STUDY)
 
     async def study(self, request: Request) -> Response:
         study = request.path_params["study"]
@@ -591,17 +395,12 @@ class DicomwebRoutes:
         return await self._retrieve(request, study)
 
     async def series_search(self, request: Request) -> Response:
-        study = request.path_params.get("study")
-        rows = await run_in_threadpool(self.index.series_rows, study)
-        if study is not None and not rows and not self.cfg.store.series(study):
-            return _error(404, f"Study {study} is not held.")
-        return _qido(request, rows, "series")
+        return await run_in_threadpool(_search, request, self.cfg, self.cache, Level.SERIES,
+                                       request.path_params.get("study"))
 
     async def instance_search(self, request: Request) -> Response:
-        study = request.path_params.get("study")
-        series = request.path_params.get("series")
-        rows = await run_in_threadpool(self.index.instance_rows, study, series)
-        return _qido(request, rows, "instance")
+        return await run_in_threadpool(_search, request, self.cfg, self.cache, Level.INSTANCE,
+                                       request.path_params.get("study"), request.path_params.get("series"))
 
     async def series(self, request: Request) -> Response:
         return await self._retrieve(request, request.path_params["study"], request.path_params["series"])

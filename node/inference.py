@@ -170,6 +170,8 @@ class InferenceQueue:
         # unbounded: ``maxsize`` is enforced for foreground jobs only (background jobs never take their places)
         self._queue: queue.PriorityQueue[tuple[int, int, Job[Any] | None]] = queue.PriorityQueue()
         self._foreground = 0
+        #: Waiting foreground jobs admitted beyond ``maxsize`` (session clicks; see :meth:`submit`).
+        self._uncounted: set[Job[Any]] = set()
         self._background: dict[str, Job[Any]] = {}
         self._seq = itertools.count()
         self.maxsize = maxsize
@@ -210,26 +212,38 @@ class InferenceQueue:
     # --- submitting -----------------------------------------------------------------------------
 
     def submit(self, fn: Callable[[Segmenter, JobContext], T], *, kind: str = "segment", user: str = "",
-               priority: int = BATCH) -> Job[T]:
+               priority: int = BATCH, counted: bool = True) -> Job[T]:
         """Queue ``fn(segmenter, context)``; returns the job (its ``future`` gives the result).
+
+        ``counted=False`` admits the job beyond ``maxsize``: the caller bounds such jobs itself (a
+        click of an interactive session: one at a time per session, sessions bounded by
+        ``api.max_sessions``). ``maxsize`` protects memory (each one-shot job holds its series), not
+        the click rate.
 
         Raises
         ------
         QueueFullError
-            When ``maxsize`` jobs are already waiting.
+            When ``maxsize`` counted jobs are already waiting.
         """
         self.start()
         job: Job[T] = Job(id=uuid.uuid4().hex, model=self.model, kind=kind, user=user, fn=fn, priority=priority)
         with self._lock:
             if priority < BACKGROUND:
-                if self._foreground >= self.maxsize:
+                if counted and self._foreground_counted() >= self.maxsize:
                     self._counts["rejected"] += 1
                     raise QueueFullError(
-                        f"The '{self.model}' queue is full ({self.maxsize} jobs waiting); retry in "
+                        f"The '{self.model}' queue is full ({self.maxsize} one-shot jobs waiting, "
+                        f"api.queue_size); retry in "
                         f"{self.retry_after} s.", self.retry_after)
                 self._foreground += 1
+                if not counted:
+                    self._uncounted.add(job)
         self._queue.put_nowait((priority, next(self._seq), job))
         return job
+
+    def _foreground_counted(self) -> int:
+        """Waiting foreground jobs that take one of ``maxsize``'s places (call with ``_lock`` held)."""
+        return self._foreground - len(self._uncounted)
 
     def submit_background(self, key: str, fn: Callable[[Segmenter, JobContext], T], *, kind: str = "prefetch",
                           user: str = "") -> Job[T]:
@@ -256,6 +270,7 @@ class InferenceQueue:
         with self._lock:
             if job.priority < BACKGROUND:
                 self._foreground -= 1
+                self._uncounted.discard(job)
             else:
                 for key, waiting in list(self._background.items()):
                     if waiting is job:
@@ -451,14 +466,15 @@ class InferencePool:
             return q
 
     def submit(self, model: str | None, fn: Callable[[Segmenter, JobContext], T], *, kind: str = "segment",
-               user: str = "", priority: int = BATCH) -> Job[T]:
-        """Queue ``fn`` on the model's queue and remember the job for :meth:`job`.
+               user: str = "", priority: int = BATCH, counted: bool = True) -> Job[T]:
+        """Queue ``fn`` on the model's queue and remember the job for :meth:`job` (``counted``: see
+        :meth:`InferenceQueue.submit`).
 
         Raises
         ------
         UnknownModelError, QueueFullError
         """
-        job = self.queue(model).submit(fn, kind=kind, user=user, priority=priority)
+        job = self.queue(model).submit(fn, kind=kind, user=user, priority=priority, counted=counted)
         with self._lock:
             self._jobs[job.id] = job
             while len(self._jobs) > _KEEP_FINISHED:

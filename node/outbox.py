@@ -299,7 +299,17 @@ class Outbox:
                 results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
                            for p, e in zip(paths, present)]
         else:
-            results = send_instances(peer, paths)
+            # Each answer is committed as it arrives, before the next instance and the release: a crash
+            # can then repeat a delivery only if it lands between the peer's answer and that commit.
+            recorded: set[int] = set()
+
+            def committed(index: int, res: StoreResult) -> None:
+                counts[self._record(present[index], res.status, res.error)] += 1
+                recorded.add(index)
+
+            results = send_instances(peer, paths, on_response=committed)
+            results = [r for i, r in enumerate(results) if i not in recorded]
+            present = [e for i, e in enumerate(present) if i not in recorded]
         for e, res in zip(present, results):
             counts[self._record(e, res.status, res.error)] += 1
         logger.info("Outbox -> %s: %d delivered, %d failed, %d to retry",

@@ -18,6 +18,11 @@ unpacked into ``web/ohif/dist`` at install time; nothing is fetched at run time)
   In embedded mode (``viewer.archive = ""``) the data source is the node's own ``/dicomweb``.
 
 When the dist is not installed, ``/ohif/`` answers 503 with a page saying how to install it.
+
+With ``viewer.ohif_ai_dist`` it also serves an OHIF-AI build unchanged at the site root (``/``,
+``/viewer``..., every path whose first segment is not one of the node's own), beside ``/dicomweb`` and
+the MONAI Label routes under ``api.monailabel_root_path`` (``/monai``): the same origin layout as
+OHIF-AI's own nginx (docs/viewer.md).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import re
 import ssl
 import threading
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,8 @@ import httpx
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
+from starlette.types import Scope
 
 from config.settings import ConfigError, DestinationSettings, Settings
 from dicom_io.dicomweb import make_auth
@@ -142,10 +148,11 @@ def app_config(data_root: str, *, name: str = "ainode", friendly_name: str = "ai
 
 
 class _Dist:
-    """The OHIF dist with its root-absolute references moved under :data:`PREFIX` (cached in memory)."""
+    """An OHIF dist; with ``rewrite``, its root-absolute references moved under :data:`PREFIX` (cached in memory)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, rewrite: bool = True) -> None:
         self.folder = folder.resolve()
+        self.rewrite = rewrite
         self._cache: dict[tuple[str, int], bytes | None] = {}
         self._lock = threading.Lock()
 
@@ -165,7 +172,7 @@ class _Dist:
     def rewritten(self, path: Path) -> bytes | None:
         """The file's bytes with references rewritten, or None when it needs no rewriting."""
         suffix = path.suffix
-        if suffix not in (".html", ".js", ".css", ".json"):
+        if not self.rewrite or suffix not in (".html", ".js", ".css", ".json"):
             return None
         key = (str(path), path.stat().st_mtime_ns)
         with self._lock:
@@ -308,6 +315,88 @@ def _join(base: str, prefix: str) -> str:
     return f"{base}/{prefix}" if prefix else base
 
 
+async def _serve_dist(files: _Dist, rest: str, index_response: Callable[[], Awaitable[Response]]) -> Response:
+    """A file of the dist, 404 for a missing file name, else the SPA's ``index.html`` (a viewer route)."""
+    path = files.file(rest)
+    if path is None:
+        if Path(rest).suffix.lower() in _FILE_EXT:
+            return Response("Not found.", status_code=404, media_type="text/plain")
+        return await index_response()  # SPA route (/ohif/viewer?..., /ohif/segmentation...)
+    if path.name == "index.html":
+        return await index_response()
+    ctype = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    data = await run_in_threadpool(files.rewritten, path)  # a 17 MB bundle is read once: not on the loop
+    headers = {"Cache-Control": "public, max-age=3600"}
+    if data is not None:
+        return Response(data, media_type=ctype, headers=headers)
+    return FileResponse(path, media_type=ctype, headers=headers)
+
+
+class _SiteRootRoute(Route):
+    """``GET /{rest:path}`` for the OHIF-AI viewer at the site root, matching only paths the node does not own.
+
+    A path whose first segment is one of ``reserved`` (``dicomweb``, ``v1``, ``monai``...) is left to the
+    node's routes, and so is a file name (a path with an extension) that the dist does not hold.
+    """
+
+    def __init__(self, files: _Dist, reserved: frozenset[str]) -> None:
+        self.files = files
+        self.reserved = reserved
+        super().__init__("/{rest:path}", self._serve, methods=["GET", "HEAD"], name="ohif-ai")
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            first = path.split("/")[1] if path.startswith("/") and len(path) > 1 else ""
+            if first in self.reserved:
+                return Match.NONE, {}
+            rest = path.lstrip("/")
+            if Path(rest).suffix and self.files.file(rest) is None:
+                return Match.NONE, {}
+        return super().matches(scope)
+
+    async def _index(self) -> Response:
+        return FileResponse(self.files.folder / "index.html", media_type="text/html; charset=utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def _serve(self, request: Request) -> Response:
+        return await _serve_dist(self.files, request.path_params.get("rest", ""), self._index)
+
+
+def ohif_ai_routes(settings: Settings, reserved: frozenset[str] | set[str]) -> list[BaseRoute]:
+    """The OHIF-AI viewer at the site root (``viewer.ohif_ai_dist``); none when that is empty.
+
+    The build is served unchanged (it is built for ``PUBLIC_URL=/`` and its ``app-config.js`` reads
+    ``/dicomweb`` on its own origin): files of the dist, ``.wasm`` as ``application/wasm``, and
+    ``index.html`` for any other path without a file extension (its routes ``/``, ``/viewer``...).
+
+    Parameters
+    ----------
+    settings
+        Node settings.
+    reserved
+        First path segments of the node's own routes (never shadowed).
+
+    Raises
+    ------
+    ConfigError
+        When ``viewer.ohif_ai_dist`` holds no ``index.html``.
+    """
+    folder = settings.viewer.ohif_ai_dist
+    if not folder:
+        return []
+    files = _Dist(Path(os.path.expanduser(folder)), rewrite=False)
+    if not files.installed():
+        raise ConfigError(f"viewer.ohif_ai_dist '{folder[:200]}' holds no index.html; point it at the unpacked "
+                          "dist/ folder of an OHIF-AI build.")
+    if settings.api.monailabel_root_path.rstrip("/") != "/monai":
+        logger.warning("viewer.ohif_ai_dist is set but api.monailabel_root_path is %r: the OHIF-AI viewer calls "
+                       "/monai/infer/segmentation on its own origin (set it to \"/monai\")",
+                       settings.api.monailabel_root_path)
+    logger.info("OHIF-AI viewer at / (from %s)", files.folder)
+    return [_SiteRootRoute(files, frozenset(reserved))]
+
+
 def viewer_routes(settings: Settings, dist: Path | None = None) -> list[BaseRoute]:
     """Routes of the viewer: ``/ohif/`` (and ``/ohif-archive/`` in archive mode); none when disabled.
 
@@ -343,19 +432,7 @@ def viewer_routes(settings: Settings, dist: Path | None = None) -> list[BaseRout
         rest = request.path_params.get("rest", "")
         if not files.installed():
             return await index_response()
-        path = files.file(rest)
-        if path is None:
-            if Path(rest).suffix.lower() in _FILE_EXT:
-                return Response("Not found.", status_code=404, media_type="text/plain")
-            return await index_response()  # SPA route (/ohif/viewer?..., /ohif/segmentation...)
-        if path.name == "index.html":
-            return await index_response()
-        ctype = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        data = await run_in_threadpool(files.rewritten, path)  # a 17 MB bundle is read once: not on the loop
-        headers = {"Cache-Control": "public, max-age=3600"}
-        if data is not None:
-            return Response(data, media_type=ctype, headers=headers)
-        return FileResponse(path, media_type=ctype, headers=headers)
+        return await _serve_dist(files, rest, index_response)
 
     async def root(request: Request) -> Response:
         query = request.url.query
@@ -375,4 +452,5 @@ def viewer_routes(settings: Settings, dist: Path | None = None) -> list[BaseRout
     return routes
 
 
-__all__ = ["DIST", "PREFIX", "PROXY_PREFIX", "ArchiveProxy", "app_config", "split_includefield", "viewer_routes"]
+__all__ = ["DIST", "PREFIX", "PROXY_PREFIX", "ArchiveProxy", "app_config", "ohif_ai_routes", "split_includefield",
+           "viewer_routes"]

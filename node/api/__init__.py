@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from starlette.applications import Starlette
@@ -12,13 +13,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 from dicom_io.errors import DicomInputError
 from dicom_io.store import Store
 from models.base import ModelError as SegmenterModelError
 from models.base import PromptError
 from node.api.auth import BearerAuthMiddleware
-from node.api.core import ApiContext, ApiError
+from node.api.core import ApiContext, ApiError, shorten
 from node.inference import (
     InferencePool, JobCancelledError, ModelUnavailableError, QueueFullError, UnknownModelError,
 )
@@ -32,10 +33,11 @@ HTTP_SESSION_EXPIRED = 440
 
 def _error(request: Request, status: int, message: str, field: str | None = None,
            headers: dict[str, str] | None = None) -> Response:
+    message = shorten(message)  # a backstop: user input is quoted truncated (core.echo)
     if status >= 500:
-        logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
+        logger.warning("%s %s -> %d: %s", request.method[:20], request.url.path[:200], status, message)
     else:
-        logger.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
+        logger.info("%s %s -> %d: %s", request.method[:20], request.url.path[:200], status, message)
     # ``error`` for our clients, ``detail`` as FastAPI (MONAI Label) answers.
     return JSONResponse({"error": message, "detail": message, "field": field}, status_code=status, headers=headers)
 
@@ -63,8 +65,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 400)
     field = "body" if status == 400 else None
     detail = str(getattr(exc, "detail", exc))
-    return _error(request, status, f"body: {detail}" if field else detail, field,
-                  dict(getattr(exc, "headers", None) or {}))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:
+        # Starlette names the methods of the first route matching the path only; a path served by several
+        # routes (GET and DELETE /v1/jobs/{id}) must list them all (RFC 9110 15.5.6).
+        headers["Allow"] = ", ".join(_allowed_methods(request)) or headers.get("Allow", "")
+    return _error(request, status, f"body: {detail}" if field else detail, field, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the API serves at the request's path."""
+    from starlette.routing import Match
+
+    app = request.scope.get("app")
+    methods: set[str] = set()
+    scope = {**request.scope, "method": "\x00"}  # matches no route fully: each matching path answers PARTIAL
+    for route in getattr(app, "routes", ()):
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 async def _prompt_error(request: Request, exc: Exception) -> Response:
@@ -134,6 +155,10 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
 
     routes: list[BaseRoute] = [*native.routes(), *aiaa.routes(), *monai.routes(), *AdminApi(ctx).routes()]
     routes.append(openapi_route(routes))
+    root = monailabel_root_path(settings.api.monailabel_root_path, routes)
+    if root:
+        # MONAI Label behind a proxy that keeps the prefix (OHIF-AI's nginx: location /monai/ -> root_path=/monai).
+        routes.insert(0, Mount(root, routes=monai.routes()))
     app = Starlette(
         routes=routes,
         middleware=[Middleware(BearerAuthMiddleware, tokens=settings.api.tokens)],
@@ -154,6 +179,33 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
     return [Mount("", app=app, name="api")]
 
 
+def monailabel_root_path(value: str, routes: list[BaseRoute] | None = None) -> str:
+    """``api.monailabel_root_path`` checked: ``""`` or ``/segment[/segment...]`` that no other route starts with.
+
+    Raises
+    ------
+    ConfigError
+        When the value is not such a path, or its first segment is one of the node's own routes
+        (``/dicomweb``, ``/v1``, ``/ohif``...).
+    """
+    text = value.strip()
+    if not text:
+        return ""
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text.rstrip("/")) or text.rstrip("/") in ("/.", "/.."):
+        raise ConfigError(f"api.monailabel_root_path {value[:200]!r} is not a URL path such as '/monai'.")
+    text = text.rstrip("/")
+    first = text.split("/")[1]
+    taken = {"dicomweb", "ohif", "ohif-archive", "prompt", "health"}
+    for route in routes or ():
+        path = getattr(route, "path", "")
+        if path.startswith("/") and len(path) > 1:
+            taken.add(path.split("/")[1])
+    if first in taken:
+        raise ConfigError(f"api.monailabel_root_path {text!r} starts with /{first}, which the node already "
+                          "serves; choose another prefix such as '/monai'.")
+    return text
+
+
 def build_context(settings: Settings, store: Store, inference: InferencePool | None = None,
                   sessions: SessionStore | None = None, *, outbox: Any | None = None) -> ApiContext:
     """The shared state of the API handlers."""
@@ -166,7 +218,7 @@ def build_context(settings: Settings, store: Store, inference: InferencePool | N
     )
 
 
-__all__ = ["HTTP_SESSION_EXPIRED", "api_routes", "build_context"]
+__all__ = ["HTTP_SESSION_EXPIRED", "api_routes", "build_context", "monailabel_root_path"]
 
 
 

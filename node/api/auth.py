@@ -98,7 +98,10 @@ ROUTE_ROLES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("POST",), "/v1/deepgrow", SEGMENT),
     (("POST",), "/v1/dextr3d", SEGMENT),
     (("POST",), "/v1/inference", SEGMENT),
-    # MONAI Label (and OHIF-AI, which posts to /infer/segmentation).
+)
+
+#: MONAI Label (and OHIF-AI, which posts to /infer/segmentation); also under ``api.monailabel_root_path``.
+MONAILABEL_ROLES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (_R, "/info", READ),
     (_R, "/info/", READ),
     (_R, "/auth/", READ),
@@ -110,6 +113,7 @@ ROUTE_ROLES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("PUT",), "/session/", SEGMENT),
     (_R + ("DELETE",), "/session/{id}", SEGMENT),
 )
+ROUTE_ROLES = ROUTE_ROLES + MONAILABEL_ROLES
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,29 @@ def compile_rules(rules: Iterable[tuple[Sequence[str], str, str]]) -> tuple[_Rul
 _RULES = compile_rules(ROUTE_ROLES)
 
 
+def route_roles(monailabel_root: str = "", site_viewer_reserved: Iterable[str] | None = None) -> tuple[_Rule, ...]:
+    """:data:`ROUTE_ROLES` plus the rules the settings add, compiled.
+
+    Parameters
+    ----------
+    monailabel_root
+        ``api.monailabel_root_path`` (e.g. ``/monai``): the MONAI Label rules again under that prefix.
+    site_viewer_reserved
+        With ``viewer.ohif_ai_dist``: the first path segments of the node's own routes. GET/HEAD of any
+        other path is then public (the OHIF-AI viewer's static files and its SPA routes at the site root:
+        no patient data; the data comes from ``/dicomweb`` and the API, which keep their roles).
+    """
+    rules = list(ROUTE_ROLES)
+    if monailabel_root:
+        rules += [(methods, monailabel_root + template, role) for methods, template, role in MONAILABEL_ROLES]
+    compiled = compile_rules(rules)
+    if site_viewer_reserved is not None:
+        alternatives = "|".join(re.escape(s) for s in sorted(set(site_viewer_reserved)) if s)
+        regex = re.compile(rf"^/(?!(?:{alternatives})(?:/|$))[^?]*$" if alternatives else r"^/[^?]*$")
+        compiled += (_Rule(frozenset(_R), "/{rest:path}", PUBLIC, regex),)
+    return compiled
+
+
 def declared_role(method: str, path: str, rules: Sequence[_Rule] = _RULES) -> str | None:
     """The role a request needs per :data:`ROUTE_ROLES`, or None when no rule matches."""
     method = method.upper()
@@ -230,10 +257,14 @@ class AuthMiddleware:
     """
 
     def __init__(self, app: ASGIApp, tokens: Sequence[Secret] = (),
-                 rules: Iterable[tuple[Sequence[str], str, str]] | None = None) -> None:
+                 rules: Iterable[tuple[Sequence[str], str, str] | _Rule] | None = None) -> None:
         self.app = app
         self.tokens = parse_tokens(tokens)
-        self.rules = _RULES if rules is None else compile_rules(rules)
+        if rules is None:
+            self.rules = _RULES
+        else:
+            given = list(rules)  # compiled rules (route_roles) are taken as they are
+            self.rules = tuple(r if isinstance(r, _Rule) else compile_rules([r])[0] for r in given)
 
     def _principal(self, header: str) -> Principal | None:
         scheme, _, value = header.partition(" ")
@@ -304,6 +335,7 @@ class AuthMiddleware:
 BearerAuthMiddleware = AuthMiddleware
 
 __all__ = [
-    "ADMIN", "ANONYMOUS", "AuthMiddleware", "BearerAuthMiddleware", "DEFAULT_ROLES", "PUBLIC", "Principal",
-    "READ", "ROLES", "ROUTE_ROLES", "SEGMENT", "TokenEntry", "declared_role", "parse_tokens", "required_role",
+    "ADMIN", "ANONYMOUS", "AuthMiddleware", "BearerAuthMiddleware", "DEFAULT_ROLES", "MONAILABEL_ROLES", "PUBLIC",
+    "Principal", "READ", "ROLES", "ROUTE_ROLES", "SEGMENT", "TokenEntry", "declared_role", "parse_tokens",
+    "required_role", "route_roles",
 ]

@@ -7,13 +7,15 @@ import json
 import logging
 import math
 import os
+import re
+import reprlib
 import shutil
 import tempfile
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from config.settings import Settings
+from config.settings import ApiSettings, Settings
 from dicom_io.errors import DicomInputError
 from dicom_io.seg import AlgorithmSpec, SegmentSpec, build_seg, write_seg
 from dicom_io.series import Series, load_series
@@ -40,12 +42,48 @@ logger = logging.getLogger(__name__)
 OUTPUTS = ("nifti", "seg")
 
 
+#: Characters of user input quoted in an error message or a log line; a longer value is cut (docs/security.md).
+ECHO_CHARS = 200
+#: Longest error message answered or logged; a longer one keeps its start and end (the limit it names).
+MESSAGE_CHARS = 1000
+
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = ECHO_CHARS
+_ECHO.maxother = ECHO_CHARS
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = _ECHO.maxset = 8
+_ECHO.maxlevel = 3
+_ECHO.maxlong = 60
+
+
+def echo(value: Any) -> str:
+    """``repr(value)`` for an error message or a log line, at most about :data:`ECHO_CHARS` characters.
+
+    A long string says how long it was; containers show their first items only, nested ones a few
+    levels deep. So a 100 MB "UID" costs a 200-character message, not a 100 MB log line.
+    """
+    if isinstance(value, str) and len(value) > ECHO_CHARS:
+        return f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
+    text = _ECHO.repr(value)
+    return text if len(text) <= ECHO_CHARS + 20 else text[:ECHO_CHARS] + "..."
+
+
+def shorten(message: str, limit: int = MESSAGE_CHARS) -> str:
+    """``message`` cut to about ``limit`` characters, keeping its start and its end."""
+    if len(message) <= limit:
+        return message
+    tail = limit // 4
+    return f"{message[:limit - tail]} ... [{len(message) - limit} characters cut] ... {message[-tail:]}"
+
+
 class ApiError(NodeError):
-    """A request the API refuses: HTTP ``status``, the offending ``field`` and a message naming the problem."""
+    """A request the API refuses: HTTP ``status``, the offending ``field`` and a message naming the problem.
+
+    The message is cut to :data:`MESSAGE_CHARS` (a backstop: handlers quote user input with :func:`echo`).
+    """
 
     def __init__(self, status: int, message: str, field: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(shorten(message))
         self.status = status
         self.field = field
         self.headers = dict(headers or {})
@@ -58,41 +96,104 @@ def bad(field: str, message: str, status: int = 422) -> ApiError:
 
 # --------------------------------------------------------------------------------------- request parsing
 
+# A JSON string (escapes included), written as an unrolled loop so the regex engine never backtracks.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
-async def json_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The request's JSON object.
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in ``text`` (brackets inside strings do not count).
+
+    Linear in the length of ``text`` and without recursion, so it can run before :func:`json.loads`
+    (whose C scanner recurses once per level and fails with ``RecursionError`` on deep input).
+    """
+    outside = _JSON_STRING.sub("", text).encode("utf-8", "replace")
+    if not outside:
+        return 0
+    codes = np.frombuffer(outside, dtype=np.uint8)
+    steps = (codes == ord("[")).astype(np.int32) + (codes == ord("{"))
+    steps -= (codes == ord("]")).astype(np.int32) + (codes == ord("}"))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def loads_json(text: str | bytes, where: str, max_depth: int) -> Any:
+    """Parse JSON from a client, refusing nesting deeper than ``max_depth`` before parsing it.
 
     Raises
     ------
     ApiError
-        400 for malformed JSON or a body that is not an object, 413 when too large.
+        400 naming ``where``: not UTF-8, nested deeper than ``api.max_json_depth``, malformed.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ApiError(400, f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}).", where) from exc
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ApiError(400, f"{where}: JSON nested {depth} levels deep, more than api.max_json_depth "
+                            f"({max_depth}); refused before parsing.", where)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"{where}: malformed JSON ({exc.msg}: line {exc.lineno} column {exc.colno}).",
+                       where) from exc
+    except RecursionError as exc:  # pragma: no cover - json_depth refuses such input first
+        raise ApiError(400, f"{where}: JSON nested too deeply.", where) from exc
+
+
+async def json_body(request: Request, max_bytes: int, max_depth: int = 32) -> dict[str, Any]:
+    """The request's JSON object, read up to ``max_bytes`` (``api.max_json_bytes``) and parsed depth-first checked.
+
+    Raises
+    ------
+    ApiError
+        400 for malformed JSON, nesting deeper than ``max_depth`` or a body that is not an object; 413
+        when the body passes ``max_bytes`` (counted as it streams).
     """
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
-        raise ApiError(413, f"body: {length} bytes exceed api.max_upload_bytes ({max_bytes}).", "body")
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise ApiError(413, f"body: {len(body)} bytes exceed api.max_upload_bytes ({max_bytes}).", "body")
+    if length.isascii() and length.isdigit() and int(length) > max_bytes:
+        raise ApiError(413, f"body: {length} bytes exceed api.max_json_bytes ({max_bytes}).", "body")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"body: more than api.max_json_bytes ({max_bytes}) bytes of JSON.", "body")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     if not body.strip():
         return {}
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"body: malformed JSON ({exc}).", "body") from exc
+    data = loads_json(body, "body", max_depth)
     if not isinstance(data, dict):
         raise ApiError(400, f"body: a JSON object is required, got {type(data).__name__}.", "body")
     return data
 
 
+def check_counts(points: int, boxes: int, limits: ApiSettings | None, where: str, polylines: int = 0) -> None:
+    """Refuse more prompts than the limits allow, before any of them is used.
+
+    Raises
+    ------
+    ApiError
+        422 naming the limit (``api.max_points``, ``api.max_boxes``, ``api.max_polylines``).
+    """
+    limits = limits or ApiSettings()
+    for n, limit, name, what in ((points, limits.max_points, "max_points", "points"),
+                                 (boxes, limits.max_boxes, "max_boxes", "boxes"),
+                                 (polylines, limits.max_polylines, "max_polylines", "polylines")):
+        if n > limit:
+            raise bad(where, f"{n} {what}, more than api.{name} ({limit}) allows in one request.")
+
+
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise bad(where, f"{value!r} is not a finite number.")
+        raise bad(where, f"{echo(value)} is not a finite number.")
     return float(value)
 
 
 def _vector(value: Any, n: int, where: str) -> list[float]:
     if not isinstance(value, (list, tuple)) or len(value) != n:
-        raise bad(where, f"expected a list of {n} numbers, got {value!r}.")
+        raise bad(where, f"expected a list of {n} numbers, got {echo(value)}.")
     return [_number(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
@@ -106,11 +207,12 @@ def _slice_index(value: float, where: str) -> int:
 def _flag(item: Mapping[str, Any], where: str) -> bool:
     value = item.get("positive", True)
     if not isinstance(value, bool):
-        raise bad(f"{where}.positive", f"{value!r} is not true or false.")
+        raise bad(f"{where}.positive", f"{echo(value)} is not true or false.")
     return value
 
 
-def parse_prompts(data: Any, series: Series, where: str = "prompts", validate: bool = True) -> Prompts:
+def parse_prompts(data: Any, series: Series, where: str = "prompts", validate: bool = True,
+                  limits: ApiSettings | None = None) -> Prompts:
     """Parse native prompts and check them against the series.
 
     ``{"points": [{"ijk": [i, j, k]} | {"lps": [X, Y, Z]}, ...], "boxes": [{"ijk": [[i0, j0, k], [i1, j1, k]]}
@@ -118,10 +220,14 @@ def parse_prompts(data: Any, series: Series, where: str = "prompts", validate: b
     column, ``j`` the row and ``k`` the 0-based slice in the series sorted along its normal; ``lps`` are
     DICOM patient coordinates in mm, snapped to the nearest slice.
 
+    ``limits`` (``settings.api``; default: the defaults) bound the number of points and boxes; they are
+    counted before any is parsed.
+
     Raises
     ------
     ApiError
-        422 naming the prompt: wrong shape, not on a slice, outside the volume, empty box, no positive prompt.
+        422 naming the prompt: wrong shape, not on a slice, outside the volume, empty box, no positive prompt;
+        422 naming the limit: more points or boxes than ``api.max_points`` / ``api.max_boxes``.
     """
     from node.prompts import _to_slice
 
@@ -141,6 +247,7 @@ def parse_prompts(data: Any, series: Series, where: str = "prompts", validate: b
         raise bad(f"{where}.points", "a list is required.")
     if not isinstance(raw_boxes, list):
         raise bad(f"{where}.boxes", "a list is required.")
+    check_counts(len(raw_points), len(raw_boxes), limits, where)
     for n, item in enumerate(raw_points):
         w = f"{where}.points[{n}]"
         if not isinstance(item, Mapping):
@@ -167,7 +274,7 @@ def parse_prompts(data: Any, series: Series, where: str = "prompts", validate: b
             raise bad(w, "give 'ijk' ([[i0, j0, k], [i1, j1, k]]) or 'lps' (two corners in patient mm).")
         corners = item[key]
         if not isinstance(corners, (list, tuple)) or len(corners) != 2:
-            raise bad(f"{w}.{key}", f"two corners are required, got {corners!r}.")
+            raise bad(f"{w}.{key}", f"two corners are required, got {echo(corners)}.")
         a = _vector(corners[0], 3, f"{w}.{key}[0]")
         b = _vector(corners[1], 3, f"{w}.{key}[1]")
         try:
@@ -184,20 +291,30 @@ def parse_prompts(data: Any, series: Series, where: str = "prompts", validate: b
         boxes.append(BoxPrompt(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb), ka, pos))
     prompts = Prompts(points=tuple(points), boxes=tuple(boxes))
     if validate:
-        check_prompts(prompts, series, where)
+        check_prompts(prompts, series, where, limits)
     elif not prompts:
         raise bad(where, "at least one point or box is required.")
     return prompts
 
 
-def check_prompts(prompts: Prompts, series: Series, where: str = "prompts") -> None:
-    """Validate prompts against the series shape.
+def check_prompts(prompts: Prompts, series: Series, where: str = "prompts", limits: ApiSettings | None = None) -> None:
+    """Validate prompts against the series shape and the prompt limits.
+
+    A box may reach beyond the image (it is clipped to it, as a box dragged past the edge of a viewer's
+    image), but no farther than the image's own width and height: a corner beyond that is no drawing.
 
     Raises
     ------
     ApiError
-        422 with the model layer's message (which names the prompt).
+        422 with the model layer's message (which names the prompt); 422 naming the limit
+        (``api.max_points``, ``api.max_boxes``); 422 for a box corner far outside the image.
     """
+    check_counts(len(prompts.points), len(prompts.boxes), limits, where)
+    _, rows, cols = series.voxels.shape
+    for i, b in enumerate(prompts.boxes):
+        if not (-cols <= b.x0 and b.x1 <= 2 * cols and -rows <= b.y0 and b.y1 <= 2 * rows):
+            raise bad(where, f"box {i} ({b.x0:g},{b.y0:g},{b.x1:g},{b.y1:g}@{b.k}): a corner lies farther outside "
+                             f"the slice (x 0..{cols - 1}, y 0..{rows - 1}) than the slice is wide or high.")
     try:
         prompts.validate(series.voxels.shape)
     except PromptError as exc:
@@ -209,7 +326,7 @@ def parse_mode(value: Any, default: Mode, where: str = "mode") -> Mode:
         return default
     text = str(value).strip().lower()
     if text not in ("2d", "3d"):
-        raise bad(where, f"{value!r} is not '2d' or '3d'.")
+        raise bad(where, f"{echo(value)} is not '2d' or '3d'.")
     return "2d" if text == "2d" else "3d"
 
 
@@ -229,7 +346,7 @@ def parse_segment(data: Any, settings: Settings, where: str = "segment") -> Segm
         raise bad(where, f"unknown key(s) {unknown}; use label, color, category, type.")
     for key, value in data.items():
         if not isinstance(value, str):
-            raise bad(f"{where}.{key}", f"{value!r} is not a string.")
+            raise bad(f"{where}.{key}", f"{echo(value)} is not a string.")
     d = settings.seg
     spec = SegmentSpec(label=data.get("label", d.label), color=data.get("color", d.color),
                        category=data.get("category", d.category), type=data.get("type", d.type))
@@ -272,13 +389,13 @@ def parse_series_ref(data: Any, where: str = "series") -> SeriesRef:
         raise bad(where, f"unknown key(s) {unknown}; use series_instance_uid, study_instance_uid, archive.")
     uid = data.get("series_instance_uid")
     if not isinstance(uid, str) or not is_valid_uid(uid):
-        raise bad(f"{where}.series_instance_uid", f"{uid!r} is not a valid UID.")
+        raise bad(f"{where}.series_instance_uid", f"{echo(uid)} is not a valid UID.")
     study = data.get("study_instance_uid") or ""
     if study and (not isinstance(study, str) or not is_valid_uid(study)):
-        raise bad(f"{where}.study_instance_uid", f"{study!r} is not a valid UID.")
+        raise bad(f"{where}.study_instance_uid", f"{echo(study)} is not a valid UID.")
     archive = data.get("archive") or ""
     if not isinstance(archive, str):
-        raise bad(f"{where}.archive", f"{archive!r} is not a destination name.")
+        raise bad(f"{where}.archive", f"{echo(archive)} is not a destination name.")
     return SeriesRef(uid, study, archive)
 
 
@@ -428,7 +545,6 @@ class ApiContext:
         self._results: OrderedDict[str, ResultRecord] = OrderedDict()
         self._results_lock = threading.Lock()
         self._origins: Any = None
-        self._deliveries: dict[tuple[str, str], dict[str, Any]] = {}
         self.started = time.time()
         self.requests = 0
         #: Background pre-encoding (LiteMedSAM embeddings) of stable, pulled and opened series.
@@ -541,6 +657,9 @@ class ApiContext:
         if rec is None or rec.num_instances == 0:
             raise ApiError(404, f"{where}.series_instance_uid: series {ref.series_instance_uid} is not stored on "
                                 "the node.", f"{where}.series_instance_uid")
+        if ref.study_instance_uid and rec.study_instance_uid and ref.study_instance_uid != rec.study_instance_uid:
+            raise bad(f"{where}.study_instance_uid", f"series {ref.series_instance_uid} belongs to study "
+                                                     f"{rec.study_instance_uid}, not {ref.study_instance_uid}.")
         key = (ref.series_instance_uid, rec.num_instances)
         with self._series_lock:
             hit = self._series.get(key)
@@ -592,50 +711,80 @@ class ApiContext:
         from node.inference import UnknownModelError
 
         if name is not None and not isinstance(name, str):
-            raise bad(where, f"{name!r} is not a model name.")
+            raise bad(where, f"{echo(name)} is not a model name.")
         try:
             return self.inference.resolve_name(name)
         except UnknownModelError as exc:
             raise bad(where, str(exc)) from exc
 
     def submit(self, model: str, series: Series, prompts: Prompts, mode: Mode, user: str,
-               kind: str = "segment", priority: int = BATCH) -> Job[Inferred]:
-        """Queue one model call on the series (its model-facing volume is built on the worker)."""
+               kind: str = "segment", priority: int = BATCH, *, counted: bool = True,
+               on_start: Callable[[], None] | None = None) -> Job[Inferred]:
+        """Queue one model call on the series (its model-facing volume is built on the worker).
+
+        ``counted``: the job takes one of the queue's ``api.queue_size`` places (False for a click of
+        an open session, see :meth:`infer`). ``on_start`` runs on the worker when the job starts.
+        """
         submitted = time.time()
 
         def run(seg: Segmenter, ctx: JobContext) -> Inferred:
+            if on_start is not None:
+                on_start()
             started = time.time()
             t = time.perf_counter()
             result = seg.segment(image_volume(series), prompts, mode=mode, progress=ctx.progress)
             return Inferred(result, seg.name, seg.version, started - submitted, time.perf_counter() - t)
 
-        return self.inference.submit(model, run, kind=kind, user=user, priority=priority)
+        return self.inference.submit(model, run, kind=kind, user=user, priority=priority, counted=counted)
 
-    async def wait(self, job: Job[Any]) -> Any:
+    async def wait(self, job: Job[Any], request: Request | None = None) -> Any:
         """Await a job without blocking the event loop.
+
+        With ``request``, the job is cancelled when its client disconnects: a queued job is dropped, a
+        running one stops at its next slice (the model's progress callback), and nothing is answered.
 
         Raises
         ------
         ApiError
-            504 when ``api.job_timeout_seconds`` pass first (the job keeps running).
+            504 when ``api.job_timeout_seconds`` pass first (the job keeps running); 499 when the client
+            went away (the job was cancelled; the answer reaches no one).
         """
+        future = asyncio.ensure_future(asyncio.shield(asyncio.wrap_future(job.future)))
+        gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)),
-                                          timeout=self.settings.api.job_timeout_seconds)
+            done, _ = await asyncio.wait({future} | ({gone} if gone else set()),
+                                         timeout=self.settings.api.job_timeout_seconds,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if gone is not None:
+                gone.cancel()
+        if future not in done:
+            future.cancel()
+            if gone is not None and gone in done:
+                self.inference.cancel(job.id)
+                logger.info("Job %s cancelled: its client disconnected", job.id)
+                raise ApiError(499, f"job {job.id} was cancelled: the client disconnected.", "job")
+            raise ApiError(504, f"job {job.id} did not finish within api.job_timeout_seconds "
+                                f"({self.settings.api.job_timeout_seconds:g} s); see GET /v1/jobs/{job.id}.", "job")
+        try:
+            return future.result()
         except PromptError:
             raise
         except ValueError as exc:  # the model refused the image (e.g. a volume it cannot read)
             raise ApiError(422, f"image: {exc}", "image") from exc
-        except TimeoutError as exc:
-            raise ApiError(504, f"job {job.id} did not finish within api.job_timeout_seconds "
-                                f"({self.settings.api.job_timeout_seconds:g} s); see GET /v1/jobs/{job.id}.",
-                           "job") from exc
 
     async def infer(self, model: str, series: Series, prompts: Prompts, mode: Mode, user: str,
-                    kind: str = "segment", priority: int = INTERACTIVE) -> Inferred:
-        """Run one interactive model call and wait for it (see :meth:`wait`)."""
-        job = self.submit(model, series, prompts, mode, user, kind, priority)
-        inferred: Inferred = await self.wait(job)
+                    kind: str = "segment", priority: int = INTERACTIVE, *, request: Request | None = None,
+                    session: Any | None = None) -> Inferred:
+        """Run one interactive model call and wait for it (see :meth:`wait`).
+
+        ``session``: the call is a click of this open session, made under its lock. It does not take
+        one of ``api.queue_size``'s places: a session has one call at a time and its series is in memory
+        already, so ``api.max_sessions`` bounds such calls, and N users clicking get slower answers, not
+        503. ``request``: the call is cancelled when the client disconnects.
+        """
+        job = self.submit(model, series, prompts, mode, user, kind, priority, counted=session is None)
+        inferred: Inferred = await self.wait(job, request)
         return inferred
 
     # --- results ------------------------------------------------------------------------------
@@ -703,66 +852,40 @@ class ApiContext:
 
             return result_destinations(self.settings, series.series_instance_uid, self.origins, self.store)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad(where, f"a list of destination names is required, got {value!r}.")
+            raise bad(where, f"a list of destination names is required, got {echo(value)}.")
         out: list[str] = []
         for n, name in enumerate(value):
             if name not in self.settings.destinations:
                 known = ", ".join(sorted(self.settings.destinations)) or "none configured"
-                raise bad(f"{where}[{n}]", f"destination '{name}' is not configured (known: {known}).")
+                raise bad(f"{where}[{n}]", f"destination {echo(name)} is not configured (known: {known}).")
             if name not in out:
                 out.append(name)
         return out
 
     def deliver_blocking(self, seg_path: Path, destinations: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Put a SEG into the store and hand it to each destination; returns the state per destination.
+        """Put a SEG into the store and queue it in the persisted outbox for each destination.
 
-        Every destination (C-STORE, STOW-RS, XNAT) goes through the persisted outbox, retried with
-        backoff across restarts by ``ainode serve``. Without an outbox (an app embedded without the
-        node service), DICOMweb and XNAT archives are sent to once from a background thread.
-        Without destinations the node's own store is where the result is delivered (its DICOMweb
-        server and viewer show it), so it is marked delivered at once (retention may then age it out).
+        Every result leaves the node this way (C-STORE, STOW-RS, XNAT alike): the outbox row is
+        committed before this returns, and ``ainode serve``'s outbox worker delivers it with retries
+        and backoff across restarts. Without destinations the node's own store is where the result
+        is delivered (its DICOMweb server and viewer show it), so it is marked delivered at once
+        (retention may then age it out). An app built without an outbox (embedded, tests) sends
+        nothing: each destination is reported ``not queued``.
+
+        Returns
+        -------
+        dict
+            The delivery state per destination (``pending`` or ``not queued``).
         """
-        from node.archives import destination
-
         put = self.store.put_file(seg_path, kind="result")
         if not destinations:
             self.store.mark_delivered(put.sop_instance_uid)
             return {}
-        out: dict[str, dict[str, Any]] = {}
-        for name in destinations:
-            dest = destination(name, self.settings)
-            if self.outbox is not None:
-                self.outbox.enqueue(put.sop_instance_uid, put.path, [name])
-                out[name] = {"state": "pending"}
-            elif dest.kind == "dimse":
-                out[name] = {"state": "not queued", "detail": "the node runs without an outbox"}
-            else:
-                key = (put.sop_instance_uid, name)
-                with self._results_lock:
-                    self._deliveries[key] = {"state": "pending"}
-                threading.Thread(target=self._send_now, args=(name, put.path, key), daemon=True,
-                                 name=f"deliver-{name}").start()
-                out[name] = {"state": "pending"}
-        return out
-
-    def _send_now(self, name: str, path: Path, key: tuple[str, str]) -> None:
-        from node import status
-        from node.archives import send_to_destination
-
-        try:
-            results = send_to_destination(name, self.settings, [path], self.origins)
-            res = results[0] if results else None
-            code = getattr(res, "status", None)
-            ok = status.is_delivered(code)
-            state = {"state": "delivered" if ok else "failed", "status": code,
-                     "detail": getattr(res, "error", "") or (status.describe(code) if code is not None else "")}
-        except Exception as exc:  # reported in the delivery state, not raised (peer outcome)
-            logger.warning("Sending %s to %s failed: %s", key[0], name, exc)
-            state = {"state": "failed", "detail": str(exc)}
-        with self._results_lock:
-            self._deliveries[key] = state
-        if state["state"] == "delivered":
-            self.store.mark_delivered(key[0])
+        if self.outbox is None:
+            return {name: {"state": "not queued", "detail": "the node runs without an outbox"}
+                    for name in destinations}
+        self.outbox.enqueue(put.sop_instance_uid, put.path, list(destinations))
+        return {name: {"state": "pending"} for name in destinations}
 
     def delivery_state(self, sop_instance_uid: str | None, destinations: Sequence[str]) -> dict[str, Any]:
         """Current delivery state of a result per destination."""
@@ -770,11 +893,6 @@ class ApiContext:
         if not sop_instance_uid:
             return out
         for name in destinations:
-            with self._results_lock:
-                direct = self._deliveries.get((sop_instance_uid, name))
-            if direct is not None:
-                out[name] = dict(direct)
-                continue
             entry = self.outbox.entry(sop_instance_uid, name) if self.outbox is not None else None
             if entry is None:
                 out[name] = {"state": "not queued"}
@@ -801,15 +919,24 @@ class ApiContext:
         niftis = [p for p in files if p.name.endswith((".nii", ".nii.gz"))]
         try:
             if niftis and len(files) == 1:
-                return series_from_nifti(niftis[0])
+                return series_from_nifti(niftis[0], self.settings.input.max_zip_bytes)
             zips = [p for p in files if p.name.lower().endswith(".zip")]
             inputs: list[Path] = zips + ([folder] if len(zips) < len(files) else [])
             return load_series(inputs, spacing_tolerance=self.settings.input.spacing_tolerance,
                                max_zip_bytes=self.settings.input.max_zip_bytes,
-                               max_zip_members=self.settings.input.max_zip_members)
+                               max_zip_members=self.settings.input.max_zip_members,
+                               max_zip_ratio=self.settings.input.max_zip_ratio)
         except (DicomInputError, ValueError, OSError) as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise ApiError(422, f"{where}: the uploaded files are not one usable image series: {exc}", where) from exc
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client of ``request`` has disconnected (its body must have been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -828,18 +955,18 @@ def _write_durably(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def series_from_nifti(path: Path) -> Series:
+def series_from_nifti(path: Path, max_bytes: int = 0) -> Series:
     """A :class:`Series` over a NIfTI volume (no DICOM sources: NIfTI results only, no SEG).
 
     Raises
     ------
     ValueError
-        When the file is not a 3-D NIfTI image.
+        When the file is not a readable 3-D NIfTI image, or declares more than ``max_bytes`` of image data.
     """
     from dicom_io.geometry import LPS_TO_RAS, Geometry
     from dicom_io.nifti import read_nifti
 
-    array, affine_ras = read_nifti(path)
+    array, affine_ras = read_nifti(path, max_bytes=max_bytes)
     geometry = Geometry(affine=LPS_TO_RAS @ affine_ras, shape=(int(array.shape[0]), int(array.shape[1]),
                                                                int(array.shape[2])))
     uid = "2.25." + str(uuid.uuid4().int)

@@ -71,9 +71,10 @@ class RequestGuardMiddleware:
             await self.app(scope, receive, send)
             return
         method, path = scope.get("method", ""), scope.get("path", "")
+        shown = path[:200]  # user input in a log line is quoted truncated (docs/security.md)
         problem = path_problem(path, scope.get("raw_path"))
         if problem:
-            logger.warning("Refused %s request: %s", method, problem)
+            logger.warning("Refused %s request: %s", method[:20], problem)
             for message in _json(400, f"path: {problem}", "path"):
                 await send(message)
             return
@@ -87,12 +88,12 @@ class RequestGuardMiddleware:
                 length = value
         if length is not None:
             text = length.decode("latin-1").strip()
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):  # int() would read other scripts' digits too
                 for message in _json(400, f"body: Content-Length '{text[:40]}' is not a byte count.", "body"):
                     await send(message)
                 return
             if int(text) > limit:
-                logger.warning("Refused %s %s: Content-Length %s > %d", method, path, text, limit)
+                logger.warning("Refused %s %s: Content-Length %s > %d", method[:20], shown, text[:40], limit)
                 for message in _json(413, f"body: {text} bytes exceed api.max_upload_bytes ({limit}).", "body"):
                     await send(message)
                 return
@@ -120,7 +121,7 @@ class RequestGuardMiddleware:
             if state["refused"]:
                 return
             state["refused"] = True
-            logger.warning("Refused %s %s: streamed body passed %d bytes", method, path, limit)
+            logger.warning("Refused %s %s: streamed body passed %d bytes", method[:20], shown, limit)
             for m in _json(413, f"body: more than api.max_upload_bytes ({limit}) bytes were sent.", "body"):
                 await send(m)
 

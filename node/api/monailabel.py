@@ -9,7 +9,7 @@ import secrets
 import shutil
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from config.settings import ApiSettings
 from dicom_io.geometry import Geometry
 from dicom_io.seg import SegmentSpec
 from dicom_io.series import Series
 from models.base import BoxPrompt, Mode, PointPrompt, Prompts
 from node import __version__
-from node.api.core import ApiContext, ApiError, SeriesRef, bad, check_prompts, user_of, write_outputs
+from node.api.core import (
+    ApiContext, ApiError, SeriesRef, bad, check_counts, check_prompts, echo, loads_json, user_of, write_outputs,
+)
 from node.pipeline import safe_name
 from node.sessions import Session, Step
 
@@ -137,6 +140,31 @@ def stream_meta_seg(meta: Mapping[str, Any], mask: np.ndarray) -> StreamingRespo
     return StreamingResponse(gen(), media_type=f"multipart/form-data; boundary={boundary}")
 
 
+#: ``params`` keys that carry OHIF-AI prompts (echoed in the answer's ``prompt_info``, as its server does).
+OHIF_AI_PROMPT_KEYS = ("pos_points", "neg_points", "pos_boxes", "neg_boxes", "pos_lassos", "neg_lassos",
+                       "pos_scribbles", "neg_scribbles", "prompt_info")
+
+
+def ohif_ai_meta(params: Mapping[str, Any], flipped: bool, elapsed: float) -> dict[str, str]:
+    """The ``meta`` of an OHIF-AI answer, encoded as its server encodes it.
+
+    Every field but ``label_name`` is a JSON-encoded string (the viewer calls ``meta.flipped.toLowerCase()``):
+    ``{"prompt_info": "{...}", "flipped": "false", "nninter_elapsed": "0.41", "sam_elapsed": "null",
+    "label_name": "nninter_pred_20251118103000"}``. ``nninter: false`` (SAM2 mode) fills ``sam_elapsed``
+    instead. ``prompt_info`` echoes the prompt keys of ``params``.
+    """
+    sam = params.get("nninter") is False
+    seconds = round(float(elapsed), 4)
+    prompt_info = {k: params[k] for k in OHIF_AI_PROMPT_KEYS if k in params}
+    return {
+        "prompt_info": json.dumps(prompt_info),
+        "flipped": json.dumps(bool(flipped)),
+        "nninter_elapsed": json.dumps(None if sam else seconds),
+        "sam_elapsed": json.dumps(seconds if sam else None),
+        "label_name": f"{'sam2' if sam else 'nninter'}_pred_{time.strftime('%Y%m%d%H%M%S')}",
+    }
+
+
 def _is_flipped(series: Series) -> bool:
     """OHIF-AI's flip rule: InstanceNumber of the first sorted slice is larger than the second's."""
     src = series.source_datasets
@@ -148,13 +176,19 @@ def _is_flipped(series: Series) -> bool:
         return False
 
 
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr`` of user input for an error message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _xyz(value: Any, where: str) -> tuple[float, float, int]:
     if not isinstance(value, (list, tuple)) or len(value) < 3:
-        raise bad(where, f"a point [x, y, z] is required, got {value!r}.")
+        raise bad(where, f"a point [x, y, z] is required, got {_short(value)}.")
     try:
         x, y, z = (float(v) for v in value[:3])
     except (TypeError, ValueError) as exc:
-        raise bad(where, f"{value!r} holds a non-number.") from exc
+        raise bad(where, f"{_short(value)} holds a non-number.") from exc
     if not float(z).is_integer():
         raise bad(where, f"slice index z = {z:g} is not an integer.")
     return x, y, int(z)
@@ -165,32 +199,180 @@ def _list(params: Mapping[str, Any], key: str) -> list[Any]:
     if value in (None, "", []):
         return []
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise bad(f"params.{key}", f"not a JSON list ({exc}).") from exc
+        value = loads_json(value, f"params.{key}", ApiSettings().max_json_depth)
     if not isinstance(value, list):
         raise bad(f"params.{key}", f"a list is required, got {type(value).__name__}.")
     return value
 
 
-def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = False) -> Prompts:
+#: Most lassos or scribbles accepted per key (OHIF-AI resends every prompt of the segment on each call).
+MAX_POLYLINES = 32
+#: Most vertices accepted in one lasso or scribble (a freehand stroke holds a few hundred).
+MAX_VERTICES = 4096
+#: Points a scribble becomes: spaced evenly along its length, both ends included.
+SCRIBBLE_POINTS = 8
+#: Most entries accepted in anandpreshob/OHIF-AI's ``prompt_info`` list.
+MAX_PROMPT_INFO = 256
+
+
+def _box_item(item: Any, where: str) -> tuple[float, float, float, float, int]:
+    """A box as ``[[x0, y0, z], [x1, y1, z]]`` (OHIF-AI) or ``[x0, y0, x1, y1, z]`` (the fork's direct format)."""
+    if isinstance(item, (list, tuple)) and len(item) == 5 and not any(isinstance(v, (list, tuple)) for v in item):
+        try:
+            x0, y0, x1, y1, z = (float(v) for v in item)
+        except (TypeError, ValueError) as exc:
+            raise bad(where, f"{_short(item)} holds a non-number.") from exc
+        if not z.is_integer():
+            raise bad(where, f"slice index z = {z:g} is not an integer.")
+        return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1), int(z)
+    if not isinstance(item, (list, tuple)) or len(item) != 2:
+        raise bad(where, f"a box [[x0, y0, z], [x1, y1, z]] or [x0, y0, x1, y1, z] is required, got {_short(item)}.")
+    x0, y0, z0 = _xyz(item[0], where + "[0]")
+    x1, y1, z1 = _xyz(item[1], where + "[1]")
+    if z0 != z1:
+        raise bad(where, f"the corners lie on different slices ({z0} and {z1}); a box is drawn on one slice.")
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1), z0
+
+
+def _polyline(item: Any, where: str, shape: tuple[int, int] | None) -> tuple[np.ndarray, int]:
+    """Vertices (n, 2) as (x, y), clipped to the slice when ``shape`` (rows, columns) is known, and their slice."""
+    if not isinstance(item, (list, tuple)) or not item:
+        raise bad(where, f"a list of [x, y, z] points is required, got {_short(item)}.")
+    if len(item) > MAX_VERTICES:
+        raise bad(where, f"{len(item)} points exceed the limit of {MAX_VERTICES} per lasso or scribble.")
+    pts = [_xyz(p, f"{where}[{m}]") for m, p in enumerate(item)]
+    zs = sorted({p[2] for p in pts})
+    if len(zs) != 1:
+        raise bad(where, f"the points lie on several slices ({zs[:8]}); a lasso or scribble is drawn on one slice.")
+    xy = np.array([(p[0], p[1]) for p in pts], dtype=np.float64)
+    if not np.isfinite(xy).all():
+        raise bad(where, "holds a coordinate that is not a finite number.")
+    if shape is not None:
+        rows, cols = shape
+        inside = (xy[:, 0] >= -0.5) & (xy[:, 0] <= cols - 0.5) & (xy[:, 1] >= -0.5) & (xy[:, 1] <= rows - 0.5)
+        if not inside.any():
+            raise bad(where, f"every point lies outside the slice (x 0..{cols - 1}, y 0..{rows - 1}).")
+        xy[:, 0] = np.clip(xy[:, 0], 0, cols - 1)
+        xy[:, 1] = np.clip(xy[:, 1], 0, rows - 1)
+    return xy, zs[0]
+
+
+def resample_polyline(xy: np.ndarray, n: int = SCRIBBLE_POINTS) -> np.ndarray:
+    """``n`` points spaced evenly by arc length along a polyline (both ends included; fewer for a short one).
+
+    Parameters
+    ----------
+    xy
+        Vertices (m, 2), m >= 1.
+    n
+        Most points returned.
+
+    Returns
+    -------
+    ndarray
+        (p, 2) points, 1 <= p <= n, without repeats.
+    """
+    seg = np.hypot(*np.diff(xy, axis=0).T) if len(xy) > 1 else np.zeros(0)
+    length = float(seg.sum())
+    if length < 1e-9:
+        return xy[:1].copy()
+    # about one point per pixel of length at most: a 3-pixel stroke gives 4 points, not 8 repeats
+    count = max(2, min(n, int(length) + 1))
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    at = np.linspace(0.0, length, count)
+    out = np.stack([np.interp(at, cum, xy[:, 0]), np.interp(at, cum, xy[:, 1])], axis=1)
+    _, first = np.unique(np.round(out, 3), axis=0, return_index=True)
+    return out[np.sort(first)]
+
+
+def _prompt_info(params: Mapping[str, Any], k_of: Callable[[int], int]) -> tuple[list[PointPrompt], list[BoxPrompt]]:
+    """anandpreshob/OHIF-AI's ``prompt_info``: ``[{"type": "point"|"box", "data": {"pointType": "click"|"erase",
+    "x", "y", "slice"[, "width", "height"]}}, ...]`` (a box is ``x, y`` .. ``x + width, y + height``)."""
+    items = _list(params, "prompt_info")
+    if len(items) > MAX_PROMPT_INFO:
+        raise bad("params.prompt_info", f"{len(items)} entries exceed the limit of {MAX_PROMPT_INFO}.")
+    points: list[PointPrompt] = []
+    boxes: list[BoxPrompt] = []
+    for n, item in enumerate(items):
+        where = f"params.prompt_info[{n}]"
+        if not isinstance(item, Mapping) or not isinstance(item.get("data"), Mapping):
+            raise bad(where, f'an object {{"type": "point"|"box", "data": {{...}}}} is required, got {_short(item)}.')
+        kind, data = item.get("type"), item["data"]
+        kind_text = _short(kind, 40)
+        point_type = data.get("pointType", "click")
+        if point_type not in ("click", "erase"):
+            raise bad(f"{where}.data.pointType", f"{_short(point_type, 40)} is not 'click' (positive) or 'erase' "
+                                                 "(negative).")
+        positive = point_type == "click"
+        keys = ("x", "y", "slice") if kind == "point" else ("x", "y", "width", "height", "slice")
+        if kind not in ("point", "box"):
+            raise bad(f"{where}.type", f"{kind_text} is not 'point' or 'box'.")
+        values: dict[str, float] = {}
+        for key in keys:
+            v = data.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise bad(f"{where}.data.{key}", f"a number is required, got {_short(v, 40)}.")
+            values[key] = float(v)
+        if not values["slice"].is_integer():
+            raise bad(f"{where}.data.slice", f"slice index {values['slice']:g} is not an integer.")
+        k = k_of(int(values["slice"]))
+        if kind == "point":
+            points.append(PointPrompt(values["x"], values["y"], k, positive))
+        else:
+            x0, x1 = sorted((values["x"], values["x"] + values["width"]))
+            y0, y1 = sorted((values["y"], values["y"] + values["height"]))
+            boxes.append(BoxPrompt(x0, y0, x1, y1, k, positive))
+    return points, boxes
+
+
+def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = False,
+                        shape: tuple[int, int] | None = None, limits: ApiSettings | None = None) -> Prompts:
     """Prompts of a MONAI Label / OHIF-AI / AIAA ``params`` object, in our voxel order.
 
     Understood: ``foreground``/``background`` (DeepGrow, SAM2: ``[[x, y, z], ...]``), ``points`` +
     ``point_labels`` (VISTA3D), ``pos_points``/``neg_points`` and ``pos_boxes``/``neg_boxes``
-    (``[[[x0, y0, z], [x1, y1, z]], ...]``, OHIF-AI), ``pos_lassos``/``neg_lassos`` (outline → its box)
-    and ``pos_scribbles``/``neg_scribbles`` (→ clicks at its ends and middle), ``roi`` (``[x0, y0, x1, y1, z0, z1]`` with ``slice``;
-    MONAI Label SAM2) and extreme ``points`` of DEXTR3D when ``point_labels`` is absent. With ``flip``,
-    z counts from the other end of the volume (OHIF-AI's ``flipped``).
+    (``[[[x0, y0, z], [x1, y1, z]], ...]``, OHIF-AI, or ``[[x0, y0, x1, y1, z], ...]``, anandpreshob/OHIF-AI's
+    direct format), ``prompt_info`` (anandpreshob/OHIF-AI's list of points and boxes), lassos and scribbles
+    (below), ``roi`` (``[x0, y0, x1, y1, z0, z1]`` with ``slice``; MONAI Label SAM2) and extreme ``points``
+    of DEXTR3D when ``point_labels`` is absent. With ``flip``, z counts from the other end of the volume
+    (OHIF-AI's ``flipped``).
+
+    Lassos and scribbles (``pos_lassos``, ``neg_lassos``, ``pos_scribbles``, ``neg_scribbles``: lists of
+    polylines ``[[x, y, z], ...]`` on one slice, at most :data:`MAX_POLYLINES` per key and
+    :data:`MAX_VERTICES` vertices each) become the prompt types every model takes:
+
+    * a lasso (a closed outline, >= 3 vertices) becomes the box around it on its slice: positive, the
+      object to segment; negative, the region whose mask is cleared;
+    * a scribble becomes :data:`SCRIBBLE_POINTS` clicks spaced evenly along its length (both ends
+      included; fewer on a stroke shorter than that many pixels): positive clicks mark the object,
+      negative ones the background.
+
+    With ``shape`` (rows, columns) the vertices are clipped to the slice first (a stroke that leaves the
+    image keeps its part inside).
+
+    ``limits`` (``settings.api``; default: the defaults) bound the points, boxes and polylines, counted
+    before any is parsed.
 
     Raises
     ------
     ApiError
-        422 naming the malformed key.
+        422 naming the malformed key, or the limit (``api.max_points``, ``api.max_boxes``,
+        ``api.max_polylines``, ``api.max_polyline_points``).
     """
     def k_of(z: int) -> int:
         return n_slices - 1 - z if flip else z
+
+    limits = limits or ApiSettings()
+    lines = [(key, item) for key in ("pos_lassos", "neg_lassos", "pos_scribbles", "neg_scribbles")
+             for item in _list(params, key)]
+    check_counts(sum(len(_list(params, key)) for key in ("foreground", "background", "pos_points", "neg_points",
+                                                          "points")),
+                 sum(len(_list(params, key)) for key in ("pos_boxes", "neg_boxes")), limits, "params",
+                 polylines=len(lines))
+    for key, item in lines:
+        if isinstance(item, (list, tuple)) and len(item) > limits.max_polyline_points:
+            raise bad(f"params.{key}", f"a polyline of {len(item)} points, more than api.max_polyline_points "
+                                       f"({limits.max_polyline_points}) allows.")
 
     points: list[PointPrompt] = []
     boxes: list[BoxPrompt] = []
@@ -207,48 +389,45 @@ def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = F
         for n, (item, label) in enumerate(zip(pts, labels)):
             x, y, z = _xyz(item, f"params.points[{n}]")
             if isinstance(label, bool) or not isinstance(label, (int, float)):
-                raise bad(f"params.point_labels[{n}]", f"{label!r} is not 1 (foreground) or 0 (background).")
+                raise bad(f"params.point_labels[{n}]", f"{_short(label, 40)} is not 1 (foreground) or 0 (background).")
             points.append(PointPrompt(x, y, k_of(z), label > 0))
     for key, positive in (("pos_boxes", True), ("neg_boxes", False)):
         for n, item in enumerate(_list(params, key)):
-            where = f"params.{key}[{n}]"
-            if not isinstance(item, (list, tuple)) or len(item) != 2:
-                raise bad(where, f"a box [[x0, y0, z], [x1, y1, z]] is required, got {item!r}.")
-            x0, y0, z0 = _xyz(item[0], where + "[0]")
-            x1, y1, z1 = _xyz(item[1], where + "[1]")
-            if z0 != z1:
-                raise bad(where, f"the corners lie on different slices ({z0} and {z1}); a box is drawn on one slice.")
-            boxes.append(BoxPrompt(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1), k_of(z0), positive))
-    # OHIF-AI lassos (closed outlines) become the box around them; scribbles become a few clicks along them.
+            x0, y0, x1, y1, z = _box_item(item, f"params.{key}[{n}]")
+            boxes.append(BoxPrompt(x0, y0, x1, y1, k_of(z), positive))
+    info_points, info_boxes = _prompt_info(params, k_of)
+    points.extend(info_points)
+    boxes.extend(info_boxes)
     for key, positive in (("pos_lassos", True), ("neg_lassos", False), ("pos_scribbles", True),
                           ("neg_scribbles", False)):
-        for n, item in enumerate(_list(params, key)):
+        lines = _list(params, key)
+        if len(lines) > MAX_POLYLINES:
+            raise bad(f"params.{key}", f"{len(lines)} polylines exceed the limit of {MAX_POLYLINES}.")
+        for n, item in enumerate(lines):
             where = f"params.{key}[{n}]"
-            if not isinstance(item, (list, tuple)) or not item:
-                raise bad(where, f"a list of [x, y, z] points is required, got {item!r}.")
-            pts = [_xyz(p, f"{where}[{m}]") for m, p in enumerate(item)]
-            zs = {p[2] for p in pts}
-            if len(zs) != 1:
-                raise bad(where, f"the points lie on several slices ({sorted(zs)}); draw on one slice.")
-            k = k_of(zs.pop())
+            xy, z = _polyline(item, where, shape)
+            k = k_of(z)
             if "lassos" in key:
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                boxes.append(BoxPrompt(min(xs), min(ys), max(xs), max(ys), k, positive))
+                if len(xy) < 3:
+                    raise bad(where, f"a lasso outlines an area: at least 3 points are required, got {len(xy)}.")
+                (x0, y0), (x1, y1) = xy.min(axis=0), xy.max(axis=0)
+                if x1 - x0 < 1 or y1 - y0 < 1:
+                    raise bad(where, f"the outline encloses no area (it spans {x1 - x0:g} x {y1 - y0:g} pixels).")
+                boxes.append(BoxPrompt(float(x0), float(y0), float(x1), float(y1), k, positive))
             else:
-                picks = sorted({0, len(pts) // 2, len(pts) - 1})
-                points.extend(PointPrompt(pts[i][0], pts[i][1], k, positive) for i in picks)
+                points.extend(PointPrompt(float(x), float(y), k, positive) for x, y in resample_polyline(xy))
     roi = _list(params, "roi")
     if roi:
         if len(roi) != 6:
-            raise bad("params.roi", f"[x0, y0, x1, y1, z0, z1] is required, got {roi!r}.")
+            raise bad("params.roi", f"[x0, y0, x1, y1, z0, z1] is required, got {_short(roi)}.")
         try:
             x0, y0, x1, y1, z0, z1 = (float(v) for v in roi)
         except (TypeError, ValueError) as exc:
-            raise bad("params.roi", f"{roi!r} holds a non-number.") from exc
+            raise bad("params.roi", f"{_short(roi)} holds a non-number.") from exc
         k = params.get("slice")
         k = int((z0 + z1) // 2) if k is None else k
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not float(k).is_integer():
-            raise bad("params.slice", f"{k!r} is not a slice index.")
+            raise bad("params.slice", f"{_short(k, 40)} is not a slice index.")
         boxes.append(BoxPrompt(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1), k_of(int(k)), True))
     return Prompts(points=tuple(dict.fromkeys(points)), boxes=tuple(dict.fromkeys(boxes)))
 
@@ -322,20 +501,23 @@ class MonaiLabelApi:
             return FormData()
         return await request.form(max_files=100000)
 
-    @staticmethod
-    async def parse_params(form: FormData) -> dict[str, Any]:
+    async def parse_params(self, form: FormData) -> dict[str, Any]:
         """The ``params`` form field (a string, or a JSON file part as some clients send) as an object.
 
         Raises
         ------
         ApiError
-            400 naming ``params`` when it is not a JSON object.
+            400 naming ``params`` when it is not a JSON object or nested deeper than ``api.max_json_depth``;
+            413 when a file part passes ``api.max_json_bytes``.
         """
+        api = self.ctx.settings.api
         raw = form.get("params")
         if raw is None:
             return {}
         if isinstance(raw, UploadFile):
-            data = await raw.read(1 << 20)
+            data = await raw.read(api.max_json_bytes + 1)
+            if len(data) > api.max_json_bytes:
+                raise ApiError(413, f"params: more than api.max_json_bytes ({api.max_json_bytes}) bytes.", "params")
             try:
                 raw = data.decode()
             except UnicodeDecodeError as exc:
@@ -343,10 +525,7 @@ class MonaiLabelApi:
         text = raw.strip()
         if not text:
             return {}
-        try:
-            params = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ApiError(400, f"params: malformed JSON ({exc}).", "params") from exc
+        params = loads_json(text, "params", api.max_json_depth)
         if not isinstance(params, dict):
             raise ApiError(400, f"params: a JSON object is required, got {type(params).__name__}.", "params")
         return params
@@ -394,7 +573,7 @@ class MonaiLabelApi:
         image = q.get("image") or (form.get("image") if isinstance(form.get("image"), str) else None)
         if not image or image == "undefined":
             raise bad("image", "give image=<SeriesInstanceUID>, session_id=<id> or upload a file "
-                               f"(got {image!r}).")
+                               f"(got {_short(image)}).")
         if "/" in str(image):
             raise bad("image", f"'{image}' looks like an XNAT id (project/subject/experiment/scan); this node "
                                "resolves SeriesInstanceUIDs through its DICOMweb archive.")
@@ -422,7 +601,7 @@ class MonaiLabelApi:
         user = user_of(request)
         output = request.query_params.get("output", "all").strip().lower()
         if output not in ("image", "json", "all", "dicom_seg"):
-            raise bad("output", f"'{output}' is not one of image, json, all, dicom_seg.")
+            raise bad("output", f"'{output[:40]}' is not one of image, json, all, dicom_seg.")
         params = await self.parse_params(form)
         t0 = time.perf_counter()
         nninter = params.get("nninter")
@@ -446,25 +625,29 @@ class MonaiLabelApi:
             if nninter in ("init", "reset"):
                 if nninter == "reset":
                     session.reset()
-                return JSONResponse(NNINTER_REPLY[str(nninter)])
+                # OHIF-AI's viewer (output=dicom_seg) checks the status only; its server answers a JSON string.
+                # The deployment guide of anandpreshob/OHIF-AI (output=all, the default) shows {}.
+                return JSONResponse(NNINTER_REPLY[str(nninter)] if output == "dicom_seg" else {})
         if aiaa == "dextr3d":
             prompts = extreme_points_box(params, n)
             mode = "3d"
         else:
-            prompts = prompts_from_params(params, n, flip)
+            prompts = prompts_from_params(params, n, flip, shape=series.voxels.shape[1:], limits=ctx.settings.api)
         if not prompts:
             raise bad("params", "no prompt found: give foreground/background points, pos_points/neg_points, "
-                                "pos_boxes/neg_boxes, points+point_labels or roi.")
+                                "pos_boxes/neg_boxes, pos_lassos/neg_lassos, pos_scribbles/neg_scribbles, "
+                                "prompt_info, points+point_labels or roi.")
         if ohif_ai and session is not None:
             # OHIF-AI resends every prompt of the segment; the session remembers them (and the embeddings).
-            check_prompts(prompts, series, "params")
+            check_prompts(prompts, series, "params", ctx.settings.api)
             async with session.lock:
-                inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="ohif-ai")
+                inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="ohif-ai",
+                                           request=request, session=session)
                 mask = np.asarray(inferred.result.mask, dtype=bool)
                 session.push(Step(prompts, mask, int(mask.sum()), {}, dict(inferred.result.stats)))
         else:
-            check_prompts(prompts, series, "params")
-            inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="monailabel")
+            check_prompts(prompts, series, "params", ctx.settings.api)
+            inferred = await ctx.infer(entry.model, series, prompts, mode, user, kind="monailabel", request=request)
             mask = np.asarray(inferred.result.mask, dtype=bool)
         label = _label_name(params, ctx.settings.seg.label)
         latencies = {"pre": round(t_load, 4), "infer": round(inferred.run_seconds, 4),
@@ -475,11 +658,12 @@ class MonaiLabelApi:
             "voxel_count": int(mask.sum()), "volume_ml": round(int(mask.sum()) * series.geometry.voxel_volume_ml, 4),
             "slices": [int(k) for k in np.nonzero(mask.any(axis=(1, 2)))[0]],
         }
-        if output == "dicom_seg" and ohif_ai:
-            meta = {"prompt_info": {"points": len(prompts.points), "boxes": len(prompts.boxes)}, "flipped": flip,
-                    "sam_elapsed" if nninter is False else "nninter_elapsed": round(inferred.run_seconds, 4),
-                    "label_name": f"{'nninter' if nninter else 'sam2'}_pred_{int(time.time())}"}
-            return stream_meta_seg(meta, mask)
+        if ohif_ai and output in ("dicom_seg", "all"):
+            meta = ohif_ai_meta(params, flip, inferred.run_seconds)
+            if output == "dicom_seg":
+                return stream_meta_seg(meta, mask)
+            # anandpreshob/OHIF-AI: MONAI Label's multipart with the meta in `params` and a gzip'd NIfTI `image`.
+            return await run_in_threadpool(self._fork_answer, series, mask, {**meta, **result_json})
         if output == "json":
             return JSONResponse(result_json)
         if output == "dicom_seg":
@@ -495,6 +679,28 @@ class MonaiLabelApi:
         body, ctype = multipart_form([
             ("params", None, json.dumps(result_json).encode(), "application/json"),
             ("image", path.name, data, mime_type(path.name)),
+        ])
+        return Response(body, media_type=ctype)
+
+    def _fork_answer(self, series: Series, mask: np.ndarray, meta: Mapping[str, Any]) -> Response:
+        """anandpreshob/OHIF-AI's ``output=all`` answer: parts ``params`` (JSON) and ``image`` (gzip'd NIfTI).
+
+        The fork's viewer reads the NIfTI's data as dims [Z, Y, X], Z fastest, ignoring the affine; the
+        volume is written so (:func:`dicom_io.nifti.write_nifti` with ``axes="kyx"``), with the affine that
+        maps those indices to the patient, so affine-respecting readers see the same voxels.
+        """
+        from dicom_io.nifti import write_nifti
+
+        folder = self.ctx.upload_dir()
+        try:
+            name = f"{safe_name(str(meta.get('label_name') or 'prediction'))}.nii.gz"
+            path = write_nifti(mask.astype(np.uint8), series.geometry, folder / name, dtype="uint8", axes="kyx")
+            data = path.read_bytes()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        body, ctype = multipart_form([
+            ("params", None, json.dumps(dict(meta)).encode(), "application/json"),
+            ("image", name, data, "application/gzip"),
         ])
         return Response(body, media_type=ctype)
 
@@ -533,35 +739,32 @@ class MonaiLabelApi:
         if isinstance(info, list) and info and isinstance(info[0], Mapping) and info[0].get("color"):
             c = info[0]["color"]
             if isinstance(c, (list, tuple)) and len(c) >= 3:
-                color = "#" + "".join(f"{int(v) & 255:02x}" for v in c[:3])
+                try:
+                    color = "#" + "".join(f"{int(v) & 255:02x}" for v in c[:3])
+                except (TypeError, ValueError, OverflowError) as exc:  # Infinity, NaN, a string, a list
+                    raise bad("params.label_info", f"color {echo(c)} is not three numbers 0-255.") from exc
         spec = SegmentSpec(label=label, color=color, category=s.category, type=s.type)
+        try:
+            spec.validate()
+        except ValueError as exc:
+            raise bad("params.label_info", str(exc)) from exc
         folder = ctx.upload_dir()
-        written = await run_in_threadpool(write_outputs, series, mask, spec, ctx.settings, model, version, folder,
-                                          safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
-        headers: dict[str, str] = {}
-        if session is None and written.seg is not None and ctx._has_archive():
-            archive = ctx.archive_name()
-            stored = await run_in_threadpool(self._stow, archive, written.seg)
-            headers["X-Stored-To"] = f"{archive}: {stored}"
-        if written.seg is None:  # pragma: no cover - write_outputs writes what it is asked for
-            raise RuntimeError("SEG was not written")
-        data = await run_in_threadpool(written.seg.read_bytes)
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            written = await run_in_threadpool(write_outputs, series, mask, spec, ctx.settings, model, version,
+                                              folder, safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
+            if written.seg is None:  # pragma: no cover - write_outputs writes what it is asked for
+                raise RuntimeError("SEG was not written")
+            data = await run_in_threadpool(written.seg.read_bytes)
+            headers: dict[str, str] = {}
+            if session is None and ctx._has_archive():
+                # Like every result: into the store, then the persisted outbox delivers it (retried, once).
+                archive = ctx.archive_name()
+                states = await run_in_threadpool(ctx.deliver_blocking, written.seg, [archive])
+                headers["X-Stored-To"] = f"{archive}: {states[archive]['state']}"
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return Response(data, media_type="application/dicom",
                         headers={**headers, "Content-Disposition": f'attachment; filename="{written.seg.name}"'})
-
-    def _stow(self, archive: str, path: Path) -> str:
-        """Store the SEG to the archive as MONAI Label's DICOMweb datastore does (STOW-RS); returns the outcome."""
-        from node import status
-        from node.archives import send_to_destination
-
-        try:
-            results = send_to_destination(archive, self.ctx.settings, [path], self.ctx.origins)
-        except Exception as exc:  # a peer outcome: reported in a header, never a 500
-            logger.warning("STOW of %s to %s failed: %s", path.name, archive, exc)
-            return f"failed ({exc})"
-        code = results[0].status if results else None
-        return "stored" if status.is_delivered(code) else f"failed ({results[0].error if results else 'no answer'})"
 
     # ------------------------------------------------------------------ /session/
 
@@ -573,9 +776,11 @@ class MonaiLabelApi:
         ttl = None
         if expiry:
             try:
+                if not expiry.isascii():  # float() would read other scripts' digits ("\u0663" = 3)
+                    raise ValueError(expiry)
                 ttl = float(expiry)
             except ValueError as exc:
-                raise bad("expiry", f"'{expiry}' is not a number of seconds.") from exc
+                raise bad("expiry", f"{echo(expiry)} is not a number of seconds.") from exc
         form = await self.read_form(request)
         try:
             files = [f for key in ("files", "image", "file", "datapoint") for f in form.getlist(key)
@@ -646,5 +851,5 @@ def _session_info(session: Session) -> dict[str, Any]:
     }
 
 
-__all__ = ["MonaiLabelApi", "extreme_points_box", "multipart_form", "prompts_from_params", "stream_meta_seg",
-           "write_nrrd"]
+__all__ = ["MonaiLabelApi", "extreme_points_box", "multipart_form", "ohif_ai_meta", "prompts_from_params",
+           "resample_polyline", "stream_meta_seg", "write_nrrd"]

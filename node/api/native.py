@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from node.api.core import (
-    OUTPUTS, ApiContext, ApiError, ResultRecord, bad, check_prompts, json_body, parse_mode, parse_prompts,
+    OUTPUTS, ApiContext, ApiError, ResultRecord, bad, check_prompts, echo, json_body, parse_mode, parse_prompts,
     parse_segment, parse_series_ref, user_of, write_outputs,
 )
 from node.inference import DONE, Job, JobCancelledError
@@ -40,7 +41,7 @@ def _outputs(value: Any, where: str = "outputs") -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise bad(where, f"a non-empty list of {', '.join(OUTPUTS)} is required, got {value!r}.")
+        raise bad(where, f"a non-empty list of {', '.join(OUTPUTS)} is required, got {echo(value)}.")
     out = []
     for n, v in enumerate(value):
         key = v.strip().lower()
@@ -48,7 +49,7 @@ def _outputs(value: Any, where: str = "outputs") -> list[str]:
             out += [o for o in OUTPUTS if o not in out]
             continue
         if key not in OUTPUTS:
-            raise bad(f"{where}[{n}]", f"'{v}' is not one of {', '.join(OUTPUTS)}.")
+            raise bad(f"{where}[{n}]", f"{echo(v)} is not one of {', '.join(OUTPUTS)}.")
         if key not in out:
             out.append(key)
     return out
@@ -71,13 +72,17 @@ class NativeApi:
 
     def __init__(self, ctx: ApiContext) -> None:
         self.ctx = ctx
-        self.max_body = ctx.settings.api.max_upload_bytes
+        self.api = ctx.settings.api
+
+    async def _json(self, request: Request) -> dict[str, Any]:
+        """The JSON object of the request, within ``api.max_json_bytes`` and ``api.max_json_depth``."""
+        return await json_body(request, self.api.max_json_bytes, self.api.max_json_depth)
 
     # ------------------------------------------------------------------ one-shot segmentations
 
     async def create_segmentation(self, request: Request) -> Response:
         ctx = self.ctx
-        data = await json_body(request, self.max_body)
+        data = await self._json(request)
         _unknown_keys(data, _SEGMENTATION_KEYS)
         if "series" not in data:
             raise bad("series", "is required (series_instance_uid, and study_instance_uid/archive to pull it).")
@@ -88,25 +93,39 @@ class NativeApi:
         outputs = _outputs(data.get("outputs"))
         wait = data.get("wait", True)
         if not isinstance(wait, bool):
-            raise bad("wait", f"{wait!r} is not true or false.")
+            raise bad("wait", f"{echo(wait)} is not true or false.")
         if "prompts" not in data:
             raise bad("prompts", "is required: at least one positive point or box.")
         user = user_of(request)
         t0 = time.perf_counter()
         series = await ctx.load_series(ref)
         t_load = time.perf_counter() - t0
-        prompts = parse_prompts(data["prompts"], series)
+        prompts = parse_prompts(data["prompts"], series, limits=self.api)
         if "seg" not in outputs and data.get("destinations") is None:
             destinations: list[str] = []  # nothing to deliver: only the SEG goes to archives
         else:
             destinations = ctx.destinations_for(data.get("destinations"), series)
         if destinations and "seg" not in outputs:
             raise bad("destinations", "results are delivered as DICOM SEG; add 'seg' to outputs or give [].")
-        job = ctx.submit(model, series, prompts, mode, user)
+        progress: dict[str, Any] = {"rec": None, "started": False}
+        lock = threading.Lock()
+
+        def mark_running() -> None:  # a restart then reports the job as interrupted while running, not queued
+            with lock:
+                progress["started"] = True
+                held = progress["rec"]
+                if held is not None and held.state == "queued":
+                    held.state = "running"
+                    held.save()
+
+        job = ctx.submit(model, series, prompts, mode, user, on_start=mark_running)
         rec = ctx.new_result(user, series, model, mode, segment.label, result_id=job.id)
         rec.destinations = destinations
         # Persisted now, so a restart reports a job that died with the process (docs/reliability.md).
         await run_in_threadpool(rec.save)
+        progress["rec"] = rec
+        if progress["started"]:  # the job started before the record was saved
+            await run_in_threadpool(mark_running)
 
         async def complete() -> ResultRecord:
             try:
@@ -193,7 +212,7 @@ class NativeApi:
 
     async def create_session(self, request: Request) -> Response:
         ctx = self.ctx
-        data = await json_body(request, self.max_body)
+        data = await self._json(request)
         _unknown_keys(data, {"series", "model", "mode", "segment", "ttl_seconds"})
         if "series" not in data:
             raise bad("series", "is required (series_instance_uid, and study_instance_uid/archive to pull it).")
@@ -203,7 +222,7 @@ class NativeApi:
         segment = parse_segment(data.get("segment"), ctx.settings)
         ttl = data.get("ttl_seconds")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
-            raise bad("ttl_seconds", f"{ttl!r} is not a positive number of seconds.")
+            raise bad("ttl_seconds", f"{echo(ttl)} is not a positive number of seconds.")
         series = await ctx.load_series(ref)
         session = ctx.sessions.create(user_of(request), series, model, mode=mode, segment=segment,
                                       ttl=None if ttl is None else float(ttl))
@@ -224,14 +243,17 @@ class NativeApi:
         ctx = self.ctx
         session = self._session(request)
         output = _mask_output(request)
-        data = await json_body(request, self.max_body)
+        data = await self._json(request)
         _unknown_keys(data, {"points", "boxes", "mode"})
         mode = parse_mode(data.get("mode"), session.mode)
-        new = parse_prompts({k: v for k, v in data.items() if k != "mode"}, session.series, validate=False)
+        new = parse_prompts({k: v for k, v in data.items() if k != "mode"}, session.series, validate=False,
+                            limits=self.api)
         async with session.lock:
             merged = merge(session.prompts, new)
-            check_prompts(merged, session.series)
-            inferred = await ctx.infer(session.model, session.series, merged, mode, session.user, kind="session")
+            check_prompts(merged, session.series, limits=self.api)
+            # A click of the session: not counted against api.queue_size, cancelled when the client goes.
+            inferred = await ctx.infer(session.model, session.series, merged, mode, session.user, kind="session",
+                                       request=request, session=session)
             mask = np.asarray(inferred.result.mask, dtype=bool)
             timings = {"queue": inferred.queue_seconds, "inference": inferred.run_seconds,
                        **{k: v for k, v in inferred.result.timings.items() if k in ("encode", "decode")}}
@@ -269,10 +291,10 @@ class NativeApi:
         session = self._session(request)
         series = session.series
         raw = request.path_params["k"]
-        try:
-            k = int(raw)
-        except ValueError:
-            raise bad("k", f"'{raw}' is not a slice index.") from None
+        digits = raw[1:] if raw.startswith("-") else raw
+        if not (digits.isascii() and digits.isdigit()):  # int() would read other scripts' digits ("\u0663" = 3)
+            raise bad("k", f"{echo(raw)} is not a slice index (ASCII digits 0-9).")
+        k = int(raw)
         n = series.shape[0]
         if not 0 <= k < n:
             raise ApiError(404, f"k: slice {k} is outside the volume (0..{n - 1}).", "k")
@@ -291,7 +313,7 @@ class NativeApi:
     async def commit(self, request: Request) -> Response:
         ctx = self.ctx
         session = self._session(request)
-        data = await json_body(request, self.max_body)
+        data = await self._json(request)
         _unknown_keys(data, {"outputs", "destinations", "segment"})
         outputs = _outputs(data.get("outputs"))
         segment = parse_segment(data.get("segment"), ctx.settings) if "segment" in data else session.segment
@@ -441,7 +463,7 @@ def _slices_json(session: Session) -> dict[str, Any]:
 def _mask_output(request: Request) -> str:
     value = request.query_params.get("output", "json").strip().lower()
     if value not in MASK_OUTPUTS:
-        raise bad("output", f"'{value}' is not one of {', '.join(MASK_OUTPUTS)}.")
+        raise bad("output", f"{echo(value)} is not one of {', '.join(MASK_OUTPUTS)}.")
     return value
 
 

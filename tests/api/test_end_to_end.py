@@ -178,11 +178,19 @@ def test_series_pulled_from_orthanc_monailabel_and_native(tmp_path: Path, segmen
                        files={"params": (None, '{"foreground": [[%f, %f, %d]], "label_info": [{"name": "lesion"}]}'
                                          % (x, y, pulled.k))})
             assert r.status_code == 200, r.text
-            assert r.headers["x-stored-to"] == "ORTHANC: stored"
+            # Like every result, the SEG goes into the store and through the persisted outbox (retried, once).
+            assert r.headers["x-stored-to"] == "ORTHANC: pending"
             seg = pydicom.dcmread(io.BytesIO(r.content))
-            on_orthanc = dw_helpers.orthanc_call(orthanc_dw, "GET",
-                                                 f"/dicom-web/series?SeriesInstanceUID={seg.SeriesInstanceUID}")
-            assert len(on_orthanc) == 1 and on_orthanc[0]["00080060"]["Value"] == ["SEG"]
+
+            def on_orthanc() -> Any:
+                return dw_helpers.orthanc_call(orthanc_dw, "GET",
+                                               f"/dicom-web/series?SeriesInstanceUID={seg.SeriesInstanceUID}")
+
+            assert peers.wait_until(lambda: len(on_orthanc()) == 1, timeout=30)
+            assert on_orthanc()[0]["00080060"]["Value"] == ["SEG"]
+            entry = served.service.outbox.entry(str(seg.SOPInstanceUID), "ORTHANC")
+            assert entry is not None and peers.wait_until(
+                lambda: served.service.outbox.entry(str(seg.SOPInstanceUID), "ORTHANC").state == "delivered", timeout=10)
             assert served.service.store.get_series(pulled.series_instance_uid).num_instances == len(pulled.paths)
 
             # Native: an archive plus Study/Series UIDs; the result goes back where the series came from.

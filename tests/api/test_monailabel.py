@@ -112,7 +112,11 @@ def test_ohif_ai_init_prompts_streamed_meta_seg_and_reset(api: Api, phantom: Pha
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("multipart/form-data; boundary=monai-")
     meta, seg = parse_ohif_ai(r.content, r.headers["content-type"])
-    assert meta["flipped"] is flipped and meta["label_name"].startswith("sam2_pred_")
+    # Every field but label_name is a JSON-encoded string, as OHIF-AI's server sends it (the viewer calls
+    # meta.flipped.toLowerCase()).
+    assert meta["flipped"] == ("true" if flipped else "false") and meta["label_name"].startswith("sam2_pred_")
+    assert meta["nninter_elapsed"] == "null" and float(meta["sam_elapsed"]) >= 0
+    assert json.loads(meta["prompt_info"])["pos_boxes"] == [[[x0, y0, kc], [x1, y1, kc]]]
     vol = np.frombuffer(seg, dtype=np.uint8).reshape(phantom.mask.shape)
     assert set(np.unique(vol)) <= {0, 1}
     assert vol[phantom.k].sum() > 0 and vol.sum() == vol[phantom.k].sum()
@@ -276,7 +280,7 @@ def test_ohif_ai_flipped_series(make_api: Any, tmp_path: Path, phantom: PhantomS
                         files=_params(pos_boxes=[[[x0, y0, kc], [x1, y1, kc]]], nninter=False, one=True))
     assert r.status_code == 200, r.text
     meta, seg = parse_ohif_ai(r.content, r.headers["content-type"])
-    assert meta["flipped"] is True
+    assert meta["flipped"] == "true"
     vol = np.frombuffer(seg, dtype=np.uint8).reshape(flipped.mask.shape)
     assert vol[flipped.k].sum() > 0 and vol.sum() == vol[flipped.k].sum()
 
@@ -317,12 +321,3 @@ def test_malformed_multipart_is_400(api: Api, phantom: PhantomSeries) -> None:
     r = api.client.post(f"/infer/sam_2d?image={phantom.series_instance_uid}", content=b"--x\r\nbroken",
                         headers={"content-type": "multipart/form-data; boundary=y"})
     assert 400 <= r.status_code < 500
-
-
-def test_prompts_from_ohif_ai_lassos_and_scribbles() -> None:
-    from node.api.monailabel import prompts_from_params
-
-    p = prompts_from_params({"pos_lassos": [[[10, 12, 3], [20, 12, 3], [20, 30, 3], [10, 30, 3]]],
-                             "neg_scribbles": [[[5, 5, 3], [6, 6, 3], [7, 7, 3], [8, 8, 3]]]}, n_slices=10, flip=True)
-    assert [(b.x0, b.y0, b.x1, b.y1, b.k, b.positive) for b in p.boxes] == [(10, 12, 20, 30, 6, True)]
-    assert [(q.x, q.y, q.k, q.positive) for q in p.points] == [(5, 5, 6, False), (7, 7, 6, False), (8, 8, 6, False)]

@@ -17,11 +17,12 @@ AUTH_USER, AUTH_PASSWORD = "ainode", "s3cret-pw"
 
 
 def start_orthanc_dicomweb(workdir: Path, *, users: dict[str, str] | None = None,
-                           servers: dict[str, Any] | None = None, http_port: int | None = None) -> peers.Proc:
+                           servers: dict[str, Any] | None = None, http_port: int | None = None,
+                           dicomweb: dict[str, Any] | None = None) -> peers.Proc:
     """Orthanc (Debian) with the DICOMweb plugin, its own config and storage, on free ports (127.0.0.1 only).
 
     ``users`` turns HTTP basic authentication on; ``servers`` fills ``DicomWeb.Servers`` (Orthanc as a
-    DICOMweb client).
+    DICOMweb client); ``dicomweb`` adds further ``DicomWeb`` options.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     http_port = http_port or peers.free_port()
@@ -56,6 +57,7 @@ def start_orthanc_dicomweb(workdir: Path, *, users: dict[str, str] | None = None
             "StudiesMetadata": "Full",
             "SeriesMetadata": "Full",
             "Servers": servers or {},
+            **(dicomweb or {}),
         },
     }
     cfg = workdir / "orthanc.json"

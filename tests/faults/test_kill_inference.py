@@ -67,6 +67,7 @@ timeout = 5
         code, lost = node.call("GET", f"/v1/segmentations/{running['id']}")
         assert code == 200 and lost["state"] == "interrupted", lost
         assert "interrupted" in lost["error"] and "submit it again" in lost["error"]
+        assert "was running" in lost["error"], lost["error"]  # not "was queued": the record follows the job
         assert node.call("GET", f"/v1/jobs/{running['id']}")[0] == 404
         assert node.call("GET", f"/v1/segmentations/{running['id']}/seg")[0] == 409
         assert [p.name for p in (data_dir / "results" / running["id"]).iterdir()] == ["result.json"]
