@@ -205,10 +205,6 @@ def _list(params: Mapping[str, Any], key: str) -> list[Any]:
     return value
 
 
-#: Most lassos or scribbles accepted per key (OHIF-AI resends every prompt of the segment on each call).
-MAX_POLYLINES = 32
-#: Most vertices accepted in one lasso or scribble (a freehand stroke holds a few hundred).
-MAX_VERTICES = 4096
 #: Points a scribble becomes: spaced evenly along its length, both ends included.
 SCRIBBLE_POINTS = 8
 #: Most entries accepted in anandpreshob/OHIF-AI's ``prompt_info`` list.
@@ -238,8 +234,6 @@ def _polyline(item: Any, where: str, shape: tuple[int, int] | None) -> tuple[np.
     """Vertices (n, 2) as (x, y), clipped to the slice when ``shape`` (rows, columns) is known, and their slice."""
     if not isinstance(item, (list, tuple)) or not item:
         raise bad(where, f"a list of [x, y, z] points is required, got {_short(item)}.")
-    if len(item) > MAX_VERTICES:
-        raise bad(where, f"{len(item)} points exceed the limit of {MAX_VERTICES} per lasso or scribble.")
     pts = [_xyz(p, f"{where}[{m}]") for m, p in enumerate(item)]
     zs = sorted({p[2] for p in pts})
     if len(zs) != 1:
@@ -338,8 +332,8 @@ def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = F
     (OHIF-AI's ``flipped``).
 
     Lassos and scribbles (``pos_lassos``, ``neg_lassos``, ``pos_scribbles``, ``neg_scribbles``: lists of
-    polylines ``[[x, y, z], ...]`` on one slice, at most :data:`MAX_POLYLINES` per key and
-    :data:`MAX_VERTICES` vertices each) become the prompt types every model takes:
+    polylines ``[[x, y, z], ...]`` on one slice, at most ``api.max_polylines`` in a request and
+    ``api.max_polyline_points`` vertices each) become the prompt types every model takes:
 
     * a lasso (a closed outline, >= 3 vertices) becomes the box around it on its slice: positive, the
       object to segment; negative, the region whose mask is cleared;
@@ -401,8 +395,6 @@ def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = F
     for key, positive in (("pos_lassos", True), ("neg_lassos", False), ("pos_scribbles", True),
                           ("neg_scribbles", False)):
         lines = _list(params, key)
-        if len(lines) > MAX_POLYLINES:
-            raise bad(f"params.{key}", f"{len(lines)} polylines exceed the limit of {MAX_POLYLINES}.")
         for n, item in enumerate(lines):
             where = f"params.{key}[{n}]"
             xy, z = _polyline(item, where, shape)

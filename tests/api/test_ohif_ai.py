@@ -202,14 +202,14 @@ def test_lassos_and_scribbles_become_boxes_and_clicks() -> None:
 
 
 @pytest.mark.parametrize("params,field,words", [
-    ({"pos_lassos": [[[1, 1, 0]] * 3] * 33}, "params.pos_lassos", "33 polylines exceed the limit of 32"),
-    ({"neg_scribbles": [[[1, 1, 0]] * 4097]}, "params.neg_scribbles[0]", "4097 points exceed the limit of 4096"),
+    ({"pos_lassos": [[[1, 1, 0]] * 3] * 33}, "params", "33 polylines, more than api.max_polylines (32)"),
+    ({"neg_scribbles": [[[1, 1, 0]] * 2001]}, "params.neg_scribbles", "2001 points, more than api.max_polyline_points"),
     ({"pos_lassos": [[[1, 1, 0], [9, 9, 0]]]}, "params.pos_lassos[0]", "at least 3 points"),
     ({"pos_lassos": [[[1, 1, 0], [9, 1, 0], [5, 1, 0]]]}, "params.pos_lassos[0]", "encloses no area"),
     ({"pos_scribbles": [[[1, 1, 0], [2, 2, 1]]]}, "params.pos_scribbles[0]", "several slices"),
     ({"pos_scribbles": [[[100, 100, 0], [120, 100, 0]]]}, "params.pos_scribbles[0]", "outside the slice"),
     ({"pos_scribbles": [[[1, "a", 0]]]}, "params.pos_scribbles[0][0]", "non-number"),
-    ({"pos_lassos": "x"}, "params.pos_lassos", "not a JSON list"),
+    ({"pos_lassos": 5}, "params.pos_lassos", "a list is required"),
     ({"pos_scribbles": [[]]}, "params.pos_scribbles[0]", "list of [x, y, z] points"),
 ])
 def test_bad_lassos_and_scribbles_are_precise_422s(params: dict[str, Any], field: str, words: str) -> None:
