@@ -139,7 +139,9 @@ def test_cstore_series_3d_over_uvicorn_with_delivery(tmp_path: Path, segmenter: 
         assert r.status_code == 201, r.text
         res = r.json()
         assert saw_running and max(latencies) < 1.0, latencies
-        assert len(res["slices"]) >= 3 and res["voxel_count"] > phantom.mask[phantom.k].sum()
+        # the lesion covers slices 3-6, the end ones with 13 partial-volume pixels only: propagation
+        # stops where the mask would be mostly surrounding tissue (docs/models.md, 3D propagation)
+        assert len(res["slices"]) >= 2 and res["voxel_count"] > phantom.mask[phantom.k].sum()
         with httpx.Client(base_url=served.url, timeout=30) as c:
             img = nib.Nifti1Image.from_bytes(gzip.decompress(c.get(res["links"]["nifti"]).content))
             mask = np.asarray(img.dataobj).transpose(2, 1, 0).astype(bool)
