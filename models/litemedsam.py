@@ -76,6 +76,7 @@ from models.base import (
     ImageVolume,
     Mode,
     ModelError,
+    PointPrompt,
     ProgressCallback,
     Prompts,
     SegmentationResult,
@@ -891,7 +892,7 @@ class LiteMedSAM:
         return mask, removed, score
 
     def _add_marked(
-        self, job: _Job, out: np.ndarray, scores: dict[int, float], q: Any, tick: Callable[[], Any]
+        self, job: _Job, out: np.ndarray, scores: dict[int, float], q: PointPrompt, tick: Callable[[], Any]
     ) -> None:
         """A positive correction click: add the object region it marks, keep the rest of ``out``.
 
@@ -956,7 +957,7 @@ class LiteMedSAM:
                 scores[i] = max(scores.get(i, 0.0), res.score)
                 prev, i = res, i + step
 
-    def _remove_marked(self, job: _Job, out: np.ndarray, q: Any, anchors: set[int], prompts: Prompts) -> None:
+    def _remove_marked(self, job: _Job, out: np.ndarray, q: PointPrompt, anchors: set[int], prompts: Prompts) -> None:
         """A negative correction click: remove the structure it marks, keep the rest of ``out``.
 
         On its slice, the part of the mask the click marks is removed (region grown from the
@@ -1134,7 +1135,7 @@ class _ChainStopped(Exception):
 
 
 
-def split_corrections(prompts: Prompts) -> tuple[Prompts, list[Any]]:
+def split_corrections(prompts: Prompts) -> tuple[Prompts, list[PointPrompt]]:
     """The prompts that define the object, and the correction clicks that follow, in order.
 
     The object is defined by every box and the clicks on the boxes' slices or, without a box, by
