@@ -110,8 +110,10 @@ PROPAGATION_GROWTH = (0.1, 0.25)
 #: A correction stops spreading to the next slice once it changes that slice's mask this little
 #: (Dice of the mask before and after).
 CORRECTION_AGREEMENT = 0.9
-#: A positive correction whose region on its slice adds more than this many times the object's
-#: largest cross-section so far is not applied (it marks a neighbour, not a missed part).
+#: A positive correction may add at most this many times the object's largest cross-section so far
+#: to any one slice: a larger model region on the clicked slice marks a neighbour (the intensity
+#: region grown from the click is added instead, so the click is still honoured), and carrying the
+#: correction to further slices stops where it would add more (it has spilled into a neighbour).
 CORRECTION_MAX_GROWTH = 2.0
 #: Propagation stops when a slice's mask is more than this many times the previous slice's (on
 #: the real CT/MR of benchmarks/accuracy, 99 % of correct steps grow less than 1.44x).
@@ -898,11 +900,14 @@ class LiteMedSAM:
 
         Inside the mask: nothing to do. On an empty slice, the chain from the nearest segmented
         slice is continued up to the click. Otherwise (or when that chain misses it) the object
-        region around the click on its slice is added -- unless it adds more than
+        region around the click on its slice is added -- when the model's region adds more than
         :data:`CORRECTION_MAX_GROWTH` times the object's largest cross-section (it marks a
-        neighbour). The added region is then carried to the neighbouring slices while it still
-        changes them (Dice of before and after below :data:`CORRECTION_AGREEMENT`) and by the usual
-        stop rules, unless its intensity is unlike the object's. Masks are only ever united.
+        neighbour), the intensity region grown from the click is added instead, if that one is
+        small enough, so a click is not ignored. The added region is then carried to the
+        neighbouring slices while it still changes them (Dice of before and after below
+        :data:`CORRECTION_AGREEMENT`), by the usual stop rules, and while no slice gains more than
+        that bound (or than the clicked slice gained), unless its intensity is unlike the object's.
+        Masks are only ever united.
         """
         n_slices, h, w = out.shape
         j = q.k
@@ -910,6 +915,9 @@ class LiteMedSAM:
         if out[j, r, c]:
             return
         click = Prompts(points=(q,))
+        # no slice may gain more than this from one correction (a larger region is a neighbour)
+        largest = int(out.sum(axis=(1, 2)).max()) if out.any() else 0
+        bound = CORRECTION_MAX_GROWTH * largest
         start: _SliceResult | None = None
         if not out[j].any():
             filled = np.flatnonzero(out.any(axis=(1, 2)))
@@ -921,7 +929,7 @@ class LiteMedSAM:
                 for i in range(s + step, j + step, step):
                     tick()
                     res = self._propagate_slice(job, i, prev, click if i == j else Prompts(), must=True)
-                    if res is None:
+                    if res is None or int((res.mask & ~out[i]).sum()) > bound:
                         break
                     out[i] |= res.mask
                     scores[i] = max(scores.get(i, 0.0), res.score)
@@ -932,12 +940,17 @@ class LiteMedSAM:
             start = self._segment_prompted_slice(job, j, click)
         if start is None or not start.mask.any():
             return
-        if out.any():
-            largest = int(out.sum(axis=(1, 2)).max())
-            if int((start.mask & ~out[j]).sum()) > CORRECTION_MAX_GROWTH * largest:
-                logger.debug("positive click on slice %d: its region (%d px) is far larger than the object "
-                             "(%d px per slice at most); not added", j, int(start.mask.sum()), largest)
+        if out.any() and int((start.mask & ~out[j]).sum()) > bound:
+            # the model's region is far larger than the object: it marks a neighbour or spills
+            # into one. The click still counts: the region grown from it by intensity is added
+            # when it is small enough, so no click is ignored.
+            grown = self._grown_region(job, j, (r, c), out[j], bound)
+            logger.debug("positive click on slice %d: its region (%d px) is far larger than the object "
+                         "(%d px per slice at most); %s", j, int(start.mask.sum()), largest,
+                         "not added" if grown is None else f"its intensity region ({int(grown.sum())} px) added")
+            if grown is None:
                 return
+            start = _SliceResult(grown, 0.0, np.zeros((h, w), bool), reference=None)
         filled = np.flatnonzero(out.any(axis=(1, 2)))
         anchor = int(filled[np.argmin(np.abs(filled - j))]) if filled.size else j
         reference = _intensity(job.slice_u8(anchor), out[anchor]) or start.reference
@@ -946,6 +959,8 @@ class LiteMedSAM:
         if _drift(job.slice_u8(j), start.mask, reference) > self.settings.stop_intensity:
             return  # the click marks tissue unlike the object's: added on its slice only
         start = _SliceResult(start.mask, start.score, start.removed, reference=reference)
+        # the carried correction may add per slice what its own slice accepted, or the bound
+        bound = CORRECTION_MAX_GROWTH * max(largest, int(start.mask.sum()))
         for step in (-1, 1):
             prev, i = start, j + step
             while 0 <= i < n_slices and prev.mask.any():
@@ -953,9 +968,26 @@ class LiteMedSAM:
                 res = self._propagate_slice(job, i, prev, Prompts())
                 if res is None or clicks.dice(res.mask | out[i], out[i]) >= CORRECTION_AGREEMENT:
                     break  # the correction has faded out: what is there already agrees
+                if largest and int((res.mask & ~out[i]).sum()) > bound:
+                    break  # it would add more than the object's size: it has spilled into a neighbour
                 out[i] |= res.mask
                 scores[i] = max(scores.get(i, 0.0), res.score)
                 prev, i = res, i + step
+
+    def _grown_region(
+        self, job: _Job, k: int, q: tuple[int, int], have: np.ndarray, bound: float
+    ) -> np.ndarray | None:
+        """The largest intensity region grown from ``q`` on slice ``k`` (at the click tolerances) that
+        adds at most ``bound`` pixels to ``have`` and did not leak out of its window; None if none."""
+        shape = job.image.shape[1:]
+        cap = max(4, int(round(CLICK_REGION_CAP * max(shape) / MODEL_SIZE)))
+        best: np.ndarray | None = None
+        for tol in clicks.tolerances(job.slice_u8(k)):
+            reg = clicks.grow_region(job.slice_smoothed(k), q, tol, cap_half=cap)
+            if reg.leaked or int((reg.mask & ~have).sum()) > bound:
+                break  # tolerances ascend: the next regions only grow
+            best = reg.mask
+        return best
 
     def _remove_marked(self, job: _Job, out: np.ndarray, q: PointPrompt, anchors: set[int], prompts: Prompts) -> None:
         """A negative correction click: remove the structure it marks, keep the rest of ``out``.
