@@ -700,10 +700,20 @@ class _Segment:
         self.fd = fd
         self.state = "free"      # free -> active -> full -> free (after a checkpoint covers last_seq)
         self.last_seq = 0
+        #: Set when a write or flush of record ``poisoned_from`` failed: no record after it in this
+        #: segment may be acknowledged (a reader stops at the first record that is not intact).
+        self.poisoned_from: int | None = None
 
 
 class _Journal:
-    """The acknowledgement journal of a serving store (see the comment above :func:`read_journal`)."""
+    """The acknowledgement journal of a serving store (see the comment above :func:`read_journal`).
+
+    Appends from concurrent threads are written in parallel, each at its own reserved offset, and made
+    durable together (group commit): the first appender that finds no flush in flight becomes the
+    leader and fdatasyncs every record written so far; appenders that arrive while that flush is on
+    the disk wait and join the next one. A record counts as durable only when it, and every record
+    before it, was completely written before a flush that succeeded.
+    """
 
     def __init__(self, directory: Path, total_bytes: int, sync_path: Path, after_seq: int,
                  idle_checkpoint_seconds: float = 1.0) -> None:
@@ -712,18 +722,27 @@ class _Journal:
         self.sync_path = sync_path
         self.idle_checkpoint_seconds = idle_checkpoint_seconds
         self.checkpoint = after_seq
+        #: Highest sequence number handed out (its record may still be on its way to the disk).
         self.seq = after_seq
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
         self._offset = 0
         self._inflight: set[int] = set()
-        self._lock = threading.Lock()        # appends (write + flush) are serialised
-        self._state = threading.Condition()  # segment states, in-flight set, checkpointer wake-ups
+        self._mutex = threading.RLock()
+        self._state = threading.Condition(self._mutex)    # segment states, in-flight set, checkpointer wake-ups
+        self._flushed = threading.Condition(self._mutex)  # group commit: a flush finished
+        #: Every record up to this one is decided (acknowledged durable, or failed).
+        self._decided = after_seq
+        self._written: dict[int, _Segment] = {}    # written completely, not yet decided
+        self._failed: dict[int, OSError] = {}      # decided: failed (taken by its appender)
+        self._flushing = False
         self._stop = False
         self._force = False
         self._last_append = 0.0
         self.appended = 0
         self.bypassed = 0
+        #: Flushes (fdatasync rounds) done for appended records; ``appended / flushes`` is the batch size.
+        self.flushes = 0
         #: Called just before each record's flush (the store wakes its placer then).
         self.before_flush: Callable[[], None] | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -772,45 +791,147 @@ class _Journal:
     def append(self, meta: bytes, parts: Sequence[bytes | bytearray | memoryview]) -> int | None:
         """Write one record durably; its sequence number, or None when it must bypass the journal.
 
+        Safe to call from several threads at once: their records share flushes (group commit). It
+        returns only once the record is on stable storage.
+
         Raises
         ------
         OSError
-            When the write or the flush fails (nothing was acknowledged).
+            When the write fails, or the flush of the batch holding the record fails, or an earlier
+            record of the same segment failed before this one could be flushed (nothing was
+            acknowledged; the caller answers with a failure status).
         """
         size = _JOURNAL_HEADER_SIZE + len(meta) + sum(memoryview(p).nbytes for p in parts)
         if size > self.max_record:
             self.bypassed += 1
             return None
-        with self._lock:
-            with self._state:
-                seg = self._active
-                if seg is None or self._offset + size > self.segment_bytes:
-                    if seg is not None:
-                        seg.state = "full"
-                        self._active = None
-                    seg = next((s for s in self._segments if s.state == "free"), None)
-                    self._state.notify_all()
-                    if seg is None:
-                        self.bypassed += 1
-                        return None
-                    seg.state, self._active, self._offset = "active", seg, 0
-                seq = self.seq + 1
-                offset = self._offset
+        with self._mutex:
+            seg = self._active
+            if seg is None or self._offset + size > self.segment_bytes:
+                if seg is not None:
+                    seg.state = "full"
+                    self._active = None
+                seg = next((s for s in self._segments if s.state == "free"), None)
+                self._state.notify_all()
+                if seg is None:
+                    self.bypassed += 1
+                    return None
+                seg.state, self._active, self._offset, seg.poisoned_from = "active", seg, 0, None
+            self.seq = seq = self.seq + 1
+            offset = self._offset
+            self._offset = offset + _aligned(size)
+            seg.last_seq = seq
+            self._inflight.add(seq)  # the checkpoint must not pass a record before it is placed
+        try:
             head, _ = _encode_record(seq, meta, parts)
             written = os.pwritev(seg.fd, [head, meta, *parts], offset)
             if written != size:
                 raise OSError(errno.EIO, f"Short journal write ({written} of {size} bytes)", str(seg.path))
-            if self.before_flush is not None:
-                self.before_flush()
-            os.fdatasync(seg.fd)
-            with self._state:
-                self.seq = seq
-                self._offset = offset + _aligned(size)
-                seg.last_seq = seq
-                self._inflight.add(seq)
+        except OSError as exc:
+            with self._mutex:
+                self._poison(seg, seq)
+                self._failed[seq] = exc
+                self._settle_decided()
+                self._flushed.notify_all()  # a waiter behind this record may lead now
+            self._take(seq)
+            raise
+        with self._mutex:
+            self._written[seq] = seg
+            self._settle_decided()
+            while seq > self._decided:
+                if self._flushing:
+                    self._flushed.wait()
+                    continue
+                if not self._lead():
+                    self._flushed.wait()  # a record before ours is still being written
+        self._take(seq)
+        return seq
+
+    def _take(self, seq: int) -> None:
+        """Collect the fate of a decided record: return normally when durable, raise its error otherwise."""
+        with self._mutex:
+            exc = self._failed.pop(seq, None)
+            if exc is None:
                 self._last_append = time.monotonic()
                 self.appended += 1
-        return seq
+                return
+            self._inflight.discard(seq)
+            self._state.notify_all()
+        raise exc
+
+    def _poison(self, seg: _Segment, seq: int) -> None:
+        """Record ``seq`` of ``seg`` failed: retire the segment, and fail every later record in it (mutex held)."""
+        if seg.poisoned_from is None or seq < seg.poisoned_from:
+            seg.poisoned_from = seq
+        if self._active is seg:
+            seg.state = "full"
+            self._active = None
+            self._state.notify_all()
+
+    def _settle_decided(self) -> None:
+        """Advance ``_decided`` over failed records and over written records doomed by a failure before
+        them in their segment (mutex held)."""
+        while True:
+            nxt = self._decided + 1
+            if nxt in self._failed:
+                self._decided = nxt
+                continue
+            seg = self._written.get(nxt)
+            if seg is not None and seg.poisoned_from is not None and nxt > seg.poisoned_from:
+                del self._written[nxt]
+                self._failed[nxt] = OSError(errno.EIO, "An earlier journal record of the same segment failed",
+                                            str(seg.path))
+                self._decided = nxt
+                self._flushed.notify_all()
+                continue
+            return
+
+    def _lead(self) -> bool:
+        """Flush every record written so far whose predecessors are all written (mutex held, released
+        around the flush); False when there is nothing to flush yet."""
+        batch: list[int] = []
+        segments: dict[int, _Segment] = {}
+        nxt = self._decided + 1
+        while True:
+            seg = self._written.get(nxt)
+            if seg is None:
+                if nxt in self._failed:
+                    nxt += 1
+                    continue
+                break
+            if seg.poisoned_from is not None and nxt > seg.poisoned_from:
+                break  # decided as failed by _settle_decided, not flushed
+            batch.append(nxt)
+            segments[id(seg)] = seg
+            nxt += 1
+        if not batch:
+            return False
+        self._flushing = True
+        error: OSError | None = None
+        self._mutex.release()
+        try:
+            if self.before_flush is not None:
+                self.before_flush()
+            for seg in segments.values():
+                os.fdatasync(seg.fd)
+        except OSError as exc:
+            error = exc
+        finally:
+            self._mutex.acquire()
+        self._flushing = False
+        self.flushes += 1
+        for seq in batch:
+            seg = self._written.pop(seq)
+            if error is not None:
+                # The kernel may have dropped the pages it could not write; nothing after the first
+                # record of this batch in that segment may be acknowledged (a later flush that
+                # succeeds would not bring them back).
+                self._poison(seg, seq)
+                self._failed[seq] = error
+        self._decided = max(self._decided, batch[-1])
+        self._settle_decided()
+        self._flushed.notify_all()
+        return True
 
     def done(self, seq: int) -> None:
         """The record's instance is placed (or was refused): the checkpoint may pass it."""
