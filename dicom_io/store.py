@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crc32c import crc32c
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -560,8 +561,11 @@ def encode_file_meta(
 # served. See docs/node.md "Durability guarantees".
 
 _JOURNAL_MAGIC = b"AINJRNL1"
-_JOURNAL_HEADER = struct.Struct("<8sQIQI")  # magic, seq, meta length, payload length, crc32(meta + payload)
-_JOURNAL_HEADER_SIZE = 64                   # header (32 bytes) + its crc32 (4), zero padded
+_JOURNAL_HEADER = struct.Struct("<8sQIQI")  # magic, seq, meta length, payload length, crc(meta + payload)
+_JOURNAL_HEADER_SIZE = 64                   # header (32 bytes) + its crc32 (4) + checksum marker (4), zero padded
+#: In the header's padding: the record's payload checksum is CRC-32C (Castagnoli). Records without it
+#: (written before the marker existed: zero padding) carry zlib's CRC-32 and are still replayed.
+_CRC32C_MARK = b"C32C"
 _CHECKPOINT_MAGIC = b"AINJCKP1"
 _ALIGN = 4096
 #: Segments in the ring; each is ``journal_bytes / _JOURNAL_SEGMENTS`` long.
@@ -573,14 +577,18 @@ def _aligned(n: int) -> int:
 
 
 def _encode_record(seq: int, meta: bytes, parts: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes, int]:
-    """The record header for ``meta`` + ``parts`` and the record's total length."""
-    crc = zlib.crc32(meta)
+    """The record header for ``meta`` + ``parts`` and the record's total length.
+
+    The payload checksum is CRC-32C, computed in hardware (SSE 4.2 / ARMv8 CRC) by the ``crc32c``
+    package: ~0.04 ms for a 0.5 MB instance where zlib's CRC-32 takes ~0.4 ms of CPU.
+    """
+    crc = crc32c(meta)
     length = 0
     for part in parts:
-        crc = zlib.crc32(part, crc)
+        crc = crc32c(part, crc)
         length += memoryview(part).nbytes
     head = _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, seq, len(meta), length, crc)
-    head += zlib.crc32(head).to_bytes(4, "little")
+    head += zlib.crc32(head).to_bytes(4, "little") + _CRC32C_MARK
     return head.ljust(_JOURNAL_HEADER_SIZE, b"\0"), _JOURNAL_HEADER_SIZE + len(meta) + length
 
 
@@ -609,12 +617,13 @@ def read_journal(directory: Path) -> tuple[int, int, list[JournalRecord]]:
         while pos + _JOURNAL_HEADER_SIZE <= len(data):
             head = data[pos:pos + _JOURNAL_HEADER.size]
             magic, seq, meta_len, length, crc = _JOURNAL_HEADER.unpack(head)
-            if magic != _JOURNAL_MAGIC or zlib.crc32(head) != int.from_bytes(
-                    data[pos + _JOURNAL_HEADER.size:pos + _JOURNAL_HEADER.size + 4], "little"):
+            h = pos + _JOURNAL_HEADER.size
+            if magic != _JOURNAL_MAGIC or zlib.crc32(head) != int.from_bytes(data[h:h + 4], "little"):
                 break
             start = pos + _JOURNAL_HEADER_SIZE
             end = start + meta_len + length
-            if end > len(data) or zlib.crc32(memoryview(data)[start:end]) != crc:
+            checksum = crc32c if data[h + 4:h + 8] == _CRC32C_MARK else zlib.crc32
+            if end > len(data) or checksum(memoryview(data)[start:end]) != crc:
                 break  # torn: never acknowledged
             highest = max(highest, seq)
             if seq > checkpoint:
