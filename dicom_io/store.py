@@ -1652,19 +1652,22 @@ class Store:
         existing = self._row(info.sop_instance_uid)
         if existing is not None and existing.path.exists():
             return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
-        self.check_space()
         now = time.time()
-        series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
         journal = self._journal
-        if journal is not None:
+        if journal is None:
+            self.check_space()
+        else:
             with self._queue_cv:
                 pending = self._pending.get(info.sop_instance_uid)
             if pending is not None:
                 return PutResult(info.sop_instance_uid, pending.final, pending.size, duplicate=True)
             # Acknowledged before its file exists: make sure the file fits (a write that fails for
-            # space after the acknowledgement would have to wait in the journal for space).
+            # space after the acknowledgement would have to wait in the journal for space). One
+            # statvfs covers the reserve too.
             size = sum(memoryview(p).nbytes for p in parts)
             self.check_space(needed=size + _SPACE_MARGIN)
+        series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
+        if journal is not None:
             meta = json.dumps({"ae": calling_ae_title, "kind": kind, "t": now}).encode()
             seq = journal.append(meta, parts)
             if seq is not None:
@@ -1724,10 +1727,14 @@ class Store:
             rows: list[tuple[InstanceInfo, Path, int, float, str, str]] = []
             done: list[_Pending] = []
             failure: OSError | None = None
+            try:
+                held = self._rows([item.info.sop_instance_uid for item in batch])  # one query per batch
+            except sqlite3.Error:
+                held = {}
+            dirs: dict[tuple[str, str], Path] = {}
             for item in batch:
                 try:
-                    if self._place_pending(item, rows):
-                        pass
+                    self._place_pending(item, rows, held, dirs)
                 except OSError as exc:
                     failure = exc
                     break
@@ -1758,13 +1765,21 @@ class Store:
                         return
                     self._queue_cv.wait(1.0)
 
-    def _place_pending(self, item: _Pending, rows: list[tuple[InstanceInfo, Path, int, float, str, str]]) -> bool:
-        """Write and rename one journaled instance (no flush); adds its index row. False for a duplicate."""
+    def _place_pending(self, item: _Pending, rows: list[tuple[InstanceInfo, Path, int, float, str, str]],
+                       held: dict[str, InstanceRecord], dirs: dict[tuple[str, str], Path]) -> bool:
+        """Write and rename one journaled instance (no flush); adds its index row. False for a duplicate.
+
+        ``held`` are the index rows of the batch's instances read before it (a duplicate sent twice at once
+        is caught here); ``dirs`` the series directories this batch has made sure of.
+        """
         info = item.info
-        existing = self._row(info.sop_instance_uid)
+        existing = held.get(info.sop_instance_uid)
         if existing is not None and existing.path.exists():
             return False
-        series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
+        key = (info.study_instance_uid, info.series_instance_uid)
+        series_dir = dirs.get(key)
+        if series_dir is None:
+            series_dir = dirs[key] = self._ensure_dir(*key)
         tmp, size = self._write_tmp(series_dir, info, item.parts, flush=False)
         try:
             os.rename(tmp, item.final)
