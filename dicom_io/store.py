@@ -743,7 +743,7 @@ class _Journal:
         #: Every record up to this one is decided (acknowledged durable, or failed).
         self._decided = after_seq
         self._written: dict[int, _Segment] = {}    # written completely, not yet decided
-        self._failed: dict[int, OSError] = {}      # decided: failed (taken by its appender)
+        self._failed: dict[int, BaseException] = {}  # decided: failed (taken by its appender)
         self._flushing = False
         self._stop = False
         self._force = False
@@ -836,7 +836,7 @@ class _Journal:
             written = os.pwritev(seg.fd, [head, meta, *parts], offset)
             if written != size:
                 raise OSError(errno.EIO, f"Short journal write ({written} of {size} bytes)", str(seg.path))
-        except OSError as exc:
+        except BaseException as exc:  # whatever it is, the record must be decided or later ones wait forever
             with self._mutex:
                 self._poison(seg, seq)
                 self._failed[seq] = exc
@@ -923,8 +923,8 @@ class _Journal:
                 self.before_flush()
             for seg in segments.values():
                 os.fdatasync(seg.fd)
-        except OSError as exc:
-            error = exc
+        except BaseException as exc:  # the batch fails; _flushing must not stay set
+            error = exc if isinstance(exc, OSError) else OSError(errno.EIO, f"Journal flush failed: {exc!r}")
         finally:
             self._mutex.acquire()
         self._flushing = False
