@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crc32c import crc32c
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -560,8 +561,11 @@ def encode_file_meta(
 # served. See docs/node.md "Durability guarantees".
 
 _JOURNAL_MAGIC = b"AINJRNL1"
-_JOURNAL_HEADER = struct.Struct("<8sQIQI")  # magic, seq, meta length, payload length, crc32(meta + payload)
-_JOURNAL_HEADER_SIZE = 64                   # header (32 bytes) + its crc32 (4), zero padded
+_JOURNAL_HEADER = struct.Struct("<8sQIQI")  # magic, seq, meta length, payload length, crc(meta + payload)
+_JOURNAL_HEADER_SIZE = 64                   # header (32 bytes) + its crc32 (4) + checksum marker (4), zero padded
+#: In the header's padding: the record's payload checksum is CRC-32C (Castagnoli). Records without it
+#: (written before the marker existed: zero padding) carry zlib's CRC-32 and are still replayed.
+_CRC32C_MARK = b"C32C"
 _CHECKPOINT_MAGIC = b"AINJCKP1"
 _ALIGN = 4096
 #: Segments in the ring; each is ``journal_bytes / _JOURNAL_SEGMENTS`` long.
@@ -573,14 +577,18 @@ def _aligned(n: int) -> int:
 
 
 def _encode_record(seq: int, meta: bytes, parts: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes, int]:
-    """The record header for ``meta`` + ``parts`` and the record's total length."""
-    crc = zlib.crc32(meta)
+    """The record header for ``meta`` + ``parts`` and the record's total length.
+
+    The payload checksum is CRC-32C, computed in hardware (SSE 4.2 / ARMv8 CRC) by the ``crc32c``
+    package: ~0.04 ms for a 0.5 MB instance where zlib's CRC-32 takes ~0.4 ms of CPU.
+    """
+    crc = crc32c(meta)
     length = 0
     for part in parts:
-        crc = zlib.crc32(part, crc)
+        crc = crc32c(part, crc)
         length += memoryview(part).nbytes
     head = _JOURNAL_HEADER.pack(_JOURNAL_MAGIC, seq, len(meta), length, crc)
-    head += zlib.crc32(head).to_bytes(4, "little")
+    head += zlib.crc32(head).to_bytes(4, "little") + _CRC32C_MARK
     return head.ljust(_JOURNAL_HEADER_SIZE, b"\0"), _JOURNAL_HEADER_SIZE + len(meta) + length
 
 
@@ -609,12 +617,13 @@ def read_journal(directory: Path) -> tuple[int, int, list[JournalRecord]]:
         while pos + _JOURNAL_HEADER_SIZE <= len(data):
             head = data[pos:pos + _JOURNAL_HEADER.size]
             magic, seq, meta_len, length, crc = _JOURNAL_HEADER.unpack(head)
-            if magic != _JOURNAL_MAGIC or zlib.crc32(head) != int.from_bytes(
-                    data[pos + _JOURNAL_HEADER.size:pos + _JOURNAL_HEADER.size + 4], "little"):
+            h = pos + _JOURNAL_HEADER.size
+            if magic != _JOURNAL_MAGIC or zlib.crc32(head) != int.from_bytes(data[h:h + 4], "little"):
                 break
             start = pos + _JOURNAL_HEADER_SIZE
             end = start + meta_len + length
-            if end > len(data) or zlib.crc32(memoryview(data)[start:end]) != crc:
+            checksum = crc32c if data[h + 4:h + 8] == _CRC32C_MARK else zlib.crc32
+            if end > len(data) or checksum(memoryview(data)[start:end]) != crc:
                 break  # torn: never acknowledged
             highest = max(highest, seq)
             if seq > checkpoint:
@@ -700,10 +709,20 @@ class _Segment:
         self.fd = fd
         self.state = "free"      # free -> active -> full -> free (after a checkpoint covers last_seq)
         self.last_seq = 0
+        #: Set when a write or flush of record ``poisoned_from`` failed: no record after it in this
+        #: segment may be acknowledged (a reader stops at the first record that is not intact).
+        self.poisoned_from: int | None = None
 
 
 class _Journal:
-    """The acknowledgement journal of a serving store (see the comment above :func:`read_journal`)."""
+    """The acknowledgement journal of a serving store (see the comment above :func:`read_journal`).
+
+    Appends from concurrent threads are written in parallel, each at its own reserved offset, and made
+    durable together (group commit): the first appender that finds no flush in flight becomes the
+    leader and fdatasyncs every record written so far; appenders that arrive while that flush is on
+    the disk wait and join the next one. A record counts as durable only when it, and every record
+    before it, was completely written before a flush that succeeded.
+    """
 
     def __init__(self, directory: Path, total_bytes: int, sync_path: Path, after_seq: int,
                  idle_checkpoint_seconds: float = 1.0) -> None:
@@ -712,18 +731,27 @@ class _Journal:
         self.sync_path = sync_path
         self.idle_checkpoint_seconds = idle_checkpoint_seconds
         self.checkpoint = after_seq
+        #: Highest sequence number handed out (its record may still be on its way to the disk).
         self.seq = after_seq
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
         self._offset = 0
         self._inflight: set[int] = set()
-        self._lock = threading.Lock()        # appends (write + flush) are serialised
-        self._state = threading.Condition()  # segment states, in-flight set, checkpointer wake-ups
+        self._mutex = threading.RLock()
+        self._state = threading.Condition(self._mutex)    # segment states, in-flight set, checkpointer wake-ups
+        self._flushed = threading.Condition(self._mutex)  # group commit: a flush finished
+        #: Every record up to this one is decided (acknowledged durable, or failed).
+        self._decided = after_seq
+        self._written: dict[int, _Segment] = {}    # written completely, not yet decided
+        self._failed: dict[int, BaseException] = {}  # decided: failed (taken by its appender)
+        self._flushing = False
         self._stop = False
         self._force = False
         self._last_append = 0.0
         self.appended = 0
         self.bypassed = 0
+        #: Flushes (fdatasync rounds) done for appended records; ``appended / flushes`` is the batch size.
+        self.flushes = 0
         #: Called just before each record's flush (the store wakes its placer then).
         self.before_flush: Callable[[], None] | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -772,45 +800,147 @@ class _Journal:
     def append(self, meta: bytes, parts: Sequence[bytes | bytearray | memoryview]) -> int | None:
         """Write one record durably; its sequence number, or None when it must bypass the journal.
 
+        Safe to call from several threads at once: their records share flushes (group commit). It
+        returns only once the record is on stable storage.
+
         Raises
         ------
         OSError
-            When the write or the flush fails (nothing was acknowledged).
+            When the write fails, or the flush of the batch holding the record fails, or an earlier
+            record of the same segment failed before this one could be flushed (nothing was
+            acknowledged; the caller answers with a failure status).
         """
         size = _JOURNAL_HEADER_SIZE + len(meta) + sum(memoryview(p).nbytes for p in parts)
         if size > self.max_record:
             self.bypassed += 1
             return None
-        with self._lock:
-            with self._state:
-                seg = self._active
-                if seg is None or self._offset + size > self.segment_bytes:
-                    if seg is not None:
-                        seg.state = "full"
-                        self._active = None
-                    seg = next((s for s in self._segments if s.state == "free"), None)
-                    self._state.notify_all()
-                    if seg is None:
-                        self.bypassed += 1
-                        return None
-                    seg.state, self._active, self._offset = "active", seg, 0
-                seq = self.seq + 1
-                offset = self._offset
+        with self._mutex:
+            seg = self._active
+            if seg is None or self._offset + size > self.segment_bytes:
+                if seg is not None:
+                    seg.state = "full"
+                    self._active = None
+                seg = next((s for s in self._segments if s.state == "free"), None)
+                self._state.notify_all()
+                if seg is None:
+                    self.bypassed += 1
+                    return None
+                seg.state, self._active, self._offset, seg.poisoned_from = "active", seg, 0, None
+            self.seq = seq = self.seq + 1
+            offset = self._offset
+            self._offset = offset + _aligned(size)
+            seg.last_seq = seq
+            self._inflight.add(seq)  # the checkpoint must not pass a record before it is placed
+        try:
             head, _ = _encode_record(seq, meta, parts)
             written = os.pwritev(seg.fd, [head, meta, *parts], offset)
             if written != size:
                 raise OSError(errno.EIO, f"Short journal write ({written} of {size} bytes)", str(seg.path))
-            if self.before_flush is not None:
-                self.before_flush()
-            os.fdatasync(seg.fd)
-            with self._state:
-                self.seq = seq
-                self._offset = offset + _aligned(size)
-                seg.last_seq = seq
-                self._inflight.add(seq)
+        except BaseException as exc:  # whatever it is, the record must be decided or later ones wait forever
+            with self._mutex:
+                self._poison(seg, seq)
+                self._failed[seq] = exc
+                self._settle_decided()
+                self._flushed.notify_all()  # a waiter behind this record may lead now
+            self._take(seq)
+            raise
+        with self._mutex:
+            self._written[seq] = seg
+            self._settle_decided()
+            while seq > self._decided:
+                if self._flushing:
+                    self._flushed.wait()
+                    continue
+                if not self._lead():
+                    self._flushed.wait()  # a record before ours is still being written
+        self._take(seq)
+        return seq
+
+    def _take(self, seq: int) -> None:
+        """Collect the fate of a decided record: return normally when durable, raise its error otherwise."""
+        with self._mutex:
+            exc = self._failed.pop(seq, None)
+            if exc is None:
                 self._last_append = time.monotonic()
                 self.appended += 1
-        return seq
+                return
+            self._inflight.discard(seq)
+            self._state.notify_all()
+        raise exc
+
+    def _poison(self, seg: _Segment, seq: int) -> None:
+        """Record ``seq`` of ``seg`` failed: retire the segment, and fail every later record in it (mutex held)."""
+        if seg.poisoned_from is None or seq < seg.poisoned_from:
+            seg.poisoned_from = seq
+        if self._active is seg:
+            seg.state = "full"
+            self._active = None
+            self._state.notify_all()
+
+    def _settle_decided(self) -> None:
+        """Advance ``_decided`` over failed records and over written records doomed by a failure before
+        them in their segment (mutex held)."""
+        while True:
+            nxt = self._decided + 1
+            if nxt in self._failed:
+                self._decided = nxt
+                continue
+            seg = self._written.get(nxt)
+            if seg is not None and seg.poisoned_from is not None and nxt > seg.poisoned_from:
+                del self._written[nxt]
+                self._failed[nxt] = OSError(errno.EIO, "An earlier journal record of the same segment failed",
+                                            str(seg.path))
+                self._decided = nxt
+                self._flushed.notify_all()
+                continue
+            return
+
+    def _lead(self) -> bool:
+        """Flush every record written so far whose predecessors are all written (mutex held, released
+        around the flush); False when there is nothing to flush yet."""
+        batch: list[int] = []
+        segments: dict[int, _Segment] = {}
+        nxt = self._decided + 1
+        while True:
+            seg = self._written.get(nxt)
+            if seg is None:
+                if nxt in self._failed:
+                    nxt += 1
+                    continue
+                break
+            if seg.poisoned_from is not None and nxt > seg.poisoned_from:
+                break  # decided as failed by _settle_decided, not flushed
+            batch.append(nxt)
+            segments[id(seg)] = seg
+            nxt += 1
+        if not batch:
+            return False
+        self._flushing = True
+        error: OSError | None = None
+        self._mutex.release()
+        try:
+            if self.before_flush is not None:
+                self.before_flush()
+            for seg in segments.values():
+                os.fdatasync(seg.fd)
+        except BaseException as exc:  # the batch fails; _flushing must not stay set
+            error = exc if isinstance(exc, OSError) else OSError(errno.EIO, f"Journal flush failed: {exc!r}")
+        finally:
+            self._mutex.acquire()
+        self._flushing = False
+        self.flushes += 1
+        for seq in batch:
+            seg = self._written.pop(seq)
+            if error is not None:
+                # The kernel may have dropped the pages it could not write; nothing after the first
+                # record of this batch in that segment may be acknowledged (a later flush that
+                # succeeds would not bring them back).
+                self._poison(seg, seq)
+                self._failed[seq] = error
+        self._decided = max(self._decided, batch[-1])
+        self._settle_decided()
+        self._flushed.notify_all()
+        return True
 
     def done(self, seq: int) -> None:
         """The record's instance is placed (or was refused): the checkpoint may pass it."""
@@ -1522,19 +1652,22 @@ class Store:
         existing = self._row(info.sop_instance_uid)
         if existing is not None and existing.path.exists():
             return PutResult(info.sop_instance_uid, existing.path, existing.size, duplicate=True)
-        self.check_space()
         now = time.time()
-        series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
         journal = self._journal
-        if journal is not None:
+        if journal is None:
+            self.check_space()
+        else:
             with self._queue_cv:
                 pending = self._pending.get(info.sop_instance_uid)
             if pending is not None:
                 return PutResult(info.sop_instance_uid, pending.final, pending.size, duplicate=True)
             # Acknowledged before its file exists: make sure the file fits (a write that fails for
-            # space after the acknowledgement would have to wait in the journal for space).
+            # space after the acknowledgement would have to wait in the journal for space). One
+            # statvfs covers the reserve too.
             size = sum(memoryview(p).nbytes for p in parts)
             self.check_space(needed=size + _SPACE_MARGIN)
+        series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
+        if journal is not None:
             meta = json.dumps({"ae": calling_ae_title, "kind": kind, "t": now}).encode()
             seq = journal.append(meta, parts)
             if seq is not None:
@@ -1594,10 +1727,14 @@ class Store:
             rows: list[tuple[InstanceInfo, Path, int, float, str, str]] = []
             done: list[_Pending] = []
             failure: OSError | None = None
+            try:
+                held = self._rows([item.info.sop_instance_uid for item in batch])  # one query per batch
+            except sqlite3.Error:
+                held = {}
+            dirs: dict[tuple[str, str], Path] = {}
             for item in batch:
                 try:
-                    if self._place_pending(item, rows):
-                        pass
+                    self._place_pending(item, rows, held, dirs)
                 except OSError as exc:
                     failure = exc
                     break
@@ -1628,13 +1765,21 @@ class Store:
                         return
                     self._queue_cv.wait(1.0)
 
-    def _place_pending(self, item: _Pending, rows: list[tuple[InstanceInfo, Path, int, float, str, str]]) -> bool:
-        """Write and rename one journaled instance (no flush); adds its index row. False for a duplicate."""
+    def _place_pending(self, item: _Pending, rows: list[tuple[InstanceInfo, Path, int, float, str, str]],
+                       held: dict[str, InstanceRecord], dirs: dict[tuple[str, str], Path]) -> bool:
+        """Write and rename one journaled instance (no flush); adds its index row. False for a duplicate.
+
+        ``held`` are the index rows of the batch's instances read before it (a duplicate sent twice at once
+        is caught here); ``dirs`` the series directories this batch has made sure of.
+        """
         info = item.info
-        existing = self._row(info.sop_instance_uid)
+        existing = held.get(info.sop_instance_uid)
         if existing is not None and existing.path.exists():
             return False
-        series_dir = self._ensure_dir(info.study_instance_uid, info.series_instance_uid)
+        key = (info.study_instance_uid, info.series_instance_uid)
+        series_dir = dirs.get(key)
+        if series_dir is None:
+            series_dir = dirs[key] = self._ensure_dir(*key)
         tmp, size = self._write_tmp(series_dir, info, item.parts, flush=False)
         try:
             os.rename(tmp, item.final)

@@ -8,6 +8,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage
@@ -103,3 +104,83 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "data" / "store")
     assert store.count() == 3
     store.close()
+
+
+@pytest.mark.parametrize("kill_after", [12, 90])
+def test_kill_9_during_four_concurrent_associations_loses_nothing_acknowledged(tmp_path: Path,
+                                                                              kill_after: int) -> None:
+    """Four associations send at once (their acknowledgements share journal flushes); kill -9 of the node once
+    ``kill_after`` instances were acknowledged in all: every instance any sender got Success for is there after
+    the restart, byte for byte."""
+    senders = 4
+    series = [peers.make_ct_series(tmp_path / f"ct{k}", n=40, rows=512, cols=512, seed=k) for k in range(senders)]
+    data_dir = tmp_path / "data"
+    node = peers.start_node(data_dir)
+    acked: list[list[str]] = [[] for _ in range(senders)]
+    lock = threading.Lock()
+    total = [0]
+    enough = threading.Event()
+    failures: list[BaseException] = []
+
+    def send(k: int) -> None:
+        ae = AE(f"KILL{k}")
+        ae.dimse_timeout = 5
+        ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+        try:
+            assert assoc.is_established
+            for path, uid in zip(series[k].paths, series[k].sop_uids):
+                try:
+                    rsp = assoc.send_c_store(path)
+                except Exception:
+                    break
+                if not assoc.is_established or "Status" not in rsp:
+                    break
+                assert rsp.Status == 0
+                acked[k].append(uid)
+                with lock:
+                    total[0] += 1
+                    if total[0] >= kill_after:
+                        enough.set()
+        except BaseException as exc:  # asserted on below
+            failures.append(exc)
+        finally:
+            sock = assoc.dul.socket.socket if assoc.dul.socket else None
+            assoc.abort()
+            if sock is not None:
+                sock.close()
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(senders)]
+    try:
+        for t in threads:
+            t.start()
+        assert enough.wait(120), node.log_text()[-2000:]
+        node.stop(signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        node.stop(signal.SIGKILL)
+    assert not failures, failures
+    assert node.popen.returncode == -signal.SIGKILL, node.log_text()[-2000:]
+    n_acked = sum(map(len, acked))
+    assert kill_after <= n_acked < senders * 40, n_acked
+
+    node = peers.start_node(data_dir)
+    try:
+        assert echo(Peer("AINODE", "127.0.0.1", node.port, calling_ae_title="CHECK")).ok
+        store = Store(data_dir / "store")
+        for k in range(senders):
+            for uid, path in zip(series[k].sop_uids, series[k].paths):
+                rec = store.instance(uid)
+                if uid in acked[k]:
+                    assert rec is not None, f"acknowledged instance {uid} (association {k}) lost"
+                if rec is not None:  # anything indexed is complete
+                    assert _body(rec.path) == _body(path)
+            files = {p.name for p in (data_dir / "store" / "instances" / series[k].study_uid
+                                      / series[k].series_uid).glob("*.dcm")}
+            indexed = {f"{i.sop_instance_uid}.dcm" for i in store.instances(series[k].series_uid)}
+            assert files == indexed, (files ^ indexed, node.log_text()[-3000:])
+        assert not list((data_dir / "store").rglob("*.partial"))
+        store.close()
+    finally:
+        node.stop()
