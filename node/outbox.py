@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config.settings import DestinationSettings, Settings
-from dicom_io.scu import Peer, StoreResult, client_tls_context, send_instances
+from config.settings import Settings
+from dicom_io.scu import Peer, StoreResult
 from dicom_io.store import KIND_RESULT, InstanceInfo, InstanceValidationError, Store
 from node import status
+from node.destinations import Destination, DimseDestination, lookup, open_destination, validate_names
 from node.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -63,34 +64,25 @@ class OutboxEntry:
 
 
 def destination_peer(name: str, settings: Settings) -> Peer:
-    """The :class:`Peer` for a configured destination name.
+    """The :class:`Peer` of a configured DIMSE destination (looked up by :func:`node.destinations.lookup`).
 
     Raises
     ------
     ConfigurationError
-        When ``name`` is not in ``settings.destinations``.
+        When ``name`` is not configured or not a DIMSE peer.
     """
-    dest: DestinationSettings | None = settings.destinations.get(name)
-    if dest is None:
-        known = ", ".join(sorted(settings.destinations)) or "none configured"
-        raise ConfigurationError(f"Destination '{name}' is not configured (known: {known}).")
-    kind = getattr(dest, "kind", "dimse")
-    if kind != "dimse":
-        raise ConfigurationError(f"Destination '{name}' is of kind '{kind}', not a DIMSE peer.")
-    tls = client_tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key) if dest.tls else None
-    return Peer(
-        ae_title=dest.ae_title, host=dest.host, port=dest.port,
-        calling_ae_title=dest.calling_ae_title or settings.dimse.ae_title,
-        tls=tls, timeout=dest.timeout,
-    )
+    dest = lookup(name, settings)
+    if dest.kind != "dimse":
+        raise ConfigurationError(f"Destination '{name}' is of kind '{dest.kind}', not a DIMSE peer.")
+    return DimseDestination.from_settings(name, dest, settings).peer
 
 
 class Outbox:
     """Per-destination delivery queue persisted in SQLite; exactly one row per (SOP Instance UID, destination).
 
-    DIMSE destinations are sent to with :func:`dicom_io.scu.send_instances`; destinations of another
-    kind (``dicomweb``, ``xnat``) through :func:`node.archives.send_to_destination`, which reports the
-    same DIMSE status semantics, so they get the same retries.
+    Every destination is a :class:`node.destinations.Destination` (DIMSE, DICOMweb, XNAT), opened by
+    :func:`node.destinations.open_destination`; all answer with DIMSE status semantics, so they get
+    the same retries.
 
     A row is ``pending`` until the destination answers the C-STORE with success or a warning
     (``delivered``), or refuses it for good / exhausts ``max_attempts`` (``failed``). No response
@@ -108,8 +100,8 @@ class Outbox:
     store
         When given, queued instances are held against retention and results are marked
         delivered in the store.
-    peer_for
-        Maps a destination name to a :class:`Peer` (default: :func:`destination_peer`).
+    destination_for
+        Maps a destination name to a :class:`Destination` (default: :func:`open_destination`).
     """
 
     def __init__(
@@ -117,13 +109,13 @@ class Outbox:
         path: str | os.PathLike[str],
         settings: Settings,
         store: Store | None = None,
-        peer_for: Callable[[str], Peer] | None = None,
+        destination_for: Callable[[str], Destination] | None = None,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.store = store
-        self.peer_for = peer_for or (lambda name: destination_peer(name, settings))
+        self.destination_for = destination_for or (lambda name: open_destination(name, settings))
         self._lock = threading.RLock()
         self._deliver_lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -258,13 +250,8 @@ class Outbox:
 
     def _deliver(self, dest: str, entries: list[OutboxEntry]) -> dict[str, int]:
         counts = {DELIVERED: 0, FAILED: 0, PENDING: 0}
-        peer: Peer | None = None
         try:
-            config = self.settings.destinations.get(dest)
-            if config is not None and getattr(config, "kind", "dimse") != "dimse":
-                peer = None  # delivered through node.archives below
-            else:
-                peer = self.peer_for(dest)
+            target = self.destination_for(dest)
         except (ConfigurationError, OSError, ValueError) as exc:
             for e in entries:
                 counts[self._record(e, None, str(exc), permanent=True)] += 1
@@ -282,34 +269,32 @@ class Outbox:
         if not present:
             return counts
         paths = [e.path for e in present]
-        if peer is None:  # a DICOMweb or XNAT archive: same status semantics, other transport
-            try:
-                from node.archives import send_to_destination
+        # Each answer is committed as it arrives (DIMSE answers one by one), before the next instance and
+        # the release: a crash can then repeat a delivery only if it lands between the answer and that commit.
+        recorded: set[int] = set()
 
-                results: list[StoreResult] = list(send_to_destination(dest, self.settings, paths))
-            except ConfigurationError as exc:
-                for e in present:
+        def committed(index: int, res: StoreResult) -> None:
+            counts[self._record(present[index], res.status, res.error)] += 1
+            recorded.add(index)
+
+        try:
+            results: list[StoreResult] = list(target.send(paths, on_response=committed))
+        except ConfigurationError as exc:
+            for i, e in enumerate(present):
+                if i not in recorded:
                     counts[self._record(e, None, str(exc), permanent=True)] += 1
-                return counts
-            except Exception as exc:  # a peer or network outcome: retry later
-                logger.warning("Delivery to %s failed: %s", dest, exc)
-                results = [StoreResult(str(p), e.sop_instance_uid, "", None, f"{type(exc).__name__}: {exc}")
-                           for p, e in zip(paths, present)]
-            if len(results) != len(present):
-                results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
-                           for p, e in zip(paths, present)]
-        else:
-            # Each answer is committed as it arrives, before the next instance and the release: a crash
-            # can then repeat a delivery only if it lands between the peer's answer and that commit.
-            recorded: set[int] = set()
-
-            def committed(index: int, res: StoreResult) -> None:
-                counts[self._record(present[index], res.status, res.error)] += 1
-                recorded.add(index)
-
-            results = send_instances(peer, paths, on_response=committed)
+            return counts
+        except Exception as exc:  # a peer or network outcome: retry later
+            logger.warning("Delivery to %s failed: %s", dest, exc)
+            results = [StoreResult(str(p), e.sop_instance_uid, "", None, f"{type(exc).__name__}: {exc}")
+                       for p, e in zip(paths, present)]
+        if target.kind == "dimse":
+            # send_instances reports every instance; those answered through ``committed`` are recorded.
             results = [r for i, r in enumerate(results) if i not in recorded]
             present = [e for i, e in enumerate(present) if i not in recorded]
+        elif len(results) != len(present):
+            results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
+                       for p, e in zip(paths, present)]
         for e, res in zip(present, results):
             counts[self._record(e, res.status, res.error)] += 1
         logger.info("Outbox -> %s: %d delivered, %d failed, %d to retry",
@@ -505,14 +490,7 @@ def queue_destinations(names: Iterable[str], settings: Settings) -> list[str]:
     ConfigurationError
         When a name is not configured.
     """
-    out: list[str] = []
-    for name in names:
-        if name not in settings.destinations:
-            known = ", ".join(sorted(settings.destinations)) or "none configured"
-            raise ConfigurationError(f"Destination '{name}' is not configured (known: {known}).")
-        if name not in out:
-            out.append(name)
-    return out
+    return validate_names(names, settings)
 
 
 __all__ = ["DELIVERED", "FAILED", "INTERRUPTED", "PENDING", "Outbox", "OutboxEntry", "OutboxWorker", "ResultRecovery",

@@ -26,20 +26,18 @@ from starlette.requests import Request
 
 from config.settings import ApiSettings, Settings
 from dicom_io.errors import DicomInputError
-from dicom_io.seg import AlgorithmSpec, SegmentSpec, build_seg, write_seg
+from dicom_io.seg import SegmentSpec
 from dicom_io.series import Series, load_series
 from dicom_io.store import Store, is_valid_uid
 from models.base import BoxPrompt, Mode, PointPrompt, PromptError, Prompts, SegmentationResult, Segmenter
-from node import __version__
+from node.destinations import lookup
 from node.errors import ConfigurationError, NodeError
 from node.inference import BATCH, INTERACTIVE, InferencePool, Job, JobContext, Preencoder
 from node.pipeline import image_volume, safe_name
+from node.results import OUTPUTS, Written, write_outputs
 from node.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
-
-#: Output names accepted by the native API.
-OUTPUTS = ("nifti", "seg")
 
 
 #: Characters of user input quoted in an error message or a log line; a longer value is cut (docs/security.md).
@@ -459,47 +457,6 @@ class ResultRecord:
         return cls(**data)
 
 
-@dataclass
-class Written:
-    """Files written for one mask."""
-
-    nifti: Path | None = None
-    seg: Path | None = None
-    seg_sop_instance_uid: str | None = None
-    seg_series_instance_uid: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def write_outputs(series: Series, mask: np.ndarray, segment: SegmentSpec, settings: Settings, segmenter_name: str,
-                  segmenter_version: str, out_dir: Path, name: str, outputs: Sequence[str]) -> Written:
-    """Write ``<name>.nii.gz`` and/or ``<name>.seg.dcm`` for ``mask`` over ``series`` (blocking).
-
-    Raises
-    ------
-    ValueError
-        When the mask does not fit the series.
-    """
-    from dicom_io.nifti import write_nifti
-
-    out = Written()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if "nifti" in outputs:
-        t = time.perf_counter()
-        out.nifti = write_nifti(mask.astype(np.uint8), series.geometry, out_dir / f"{name}.nii.gz")
-        out.timings["nifti"] = time.perf_counter() - t
-    if "seg" in outputs:
-        t = time.perf_counter()
-        seg = build_seg(mask, series, segment, AlgorithmSpec(name=segmenter_name, version=segmenter_version),
-                        manufacturer=settings.seg.manufacturer, software_version=__version__,
-                        series_description=settings.seg.series_description,
-                        series_number=settings.seg.series_number)
-        out.seg = write_seg(seg, out_dir / f"{name}.seg.dcm")
-        out.seg_sop_instance_uid = str(seg.SOPInstanceUID)
-        out.seg_series_instance_uid = str(seg.SeriesInstanceUID)
-        out.timings["seg"] = time.perf_counter() - t
-    return out
-
-
 # --------------------------------------------------------------------------------------- context
 
 
@@ -858,6 +815,10 @@ class ApiContext:
             if name not in self.settings.destinations:
                 known = ", ".join(sorted(self.settings.destinations)) or "none configured"
                 raise bad(f"{where}[{n}]", f"destination {echo(name)} is not configured (known: {known}).")
+            try:
+                lookup(name, self.settings)
+            except ConfigurationError as exc:
+                raise bad(f"{where}[{n}]", str(exc)) from exc
             if name not in out:
                 out.append(name)
         return out
