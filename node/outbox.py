@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+CREATE TABLE IF NOT EXISTS labelmap_refusals (
+    destination TEXT PRIMARY KEY,
+    status      INTEGER,
+    detail      TEXT NOT NULL DEFAULT '',
+    at          REAL NOT NULL
+);
 """
+
+#: Answers that refuse a Label Map SEG for its SOP class: 0x0122 (SOP class not supported), 0xA900 (data set
+#: does not match the SOP class) and 0xC000 (a STOW-RS 4xx without a response body); a DIMSE peer that
+#: accepted no presentation context for it gives no status and a "not sent" error (dicom_io.scu).
+_LABELMAP_REFUSALS = frozenset({status.SOP_CLASS_NOT_SUPPORTED, status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                status.CANNOT_UNDERSTAND})
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class OutboxEntry:
     last_error: str
     created: float
     delivered_at: float | None
+    #: A BINARY SEG sent instead when the destination refuses the Label Map SEG at ``path`` ('' = none).
+    fallback: str = ""
 
 
 def destination_peer(name: str, settings: Settings) -> Peer:
@@ -124,6 +139,10 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")  # a queued result must survive power loss
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)").fetchall()}
+        if "fallback" not in columns:  # an outbox from before label-map SEGs
+            self._db.execute("ALTER TABLE outbox ADD COLUMN fallback TEXT NOT NULL DEFAULT ''")
+        self.files_dir = self.path.parent / "outbox-files"
         self.wakeup = threading.Event()
 
     def close(self) -> None:
@@ -153,19 +172,23 @@ class Outbox:
 
     # --- queueing -----------------------------------------------------------------------------
 
-    def enqueue(self, sop_instance_uid: str, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
+    def enqueue(self, sop_instance_uid: str, path: str | os.PathLike[str], destinations: Iterable[str],
+                fallback: str | os.PathLike[str] | None = None) -> list[int]:
         """Queue one stored instance for each destination; returns the ids of newly queued rows.
 
-        Rows that already exist for (SOP Instance UID, destination) are left as they are.
+        Rows that already exist for (SOP Instance UID, destination) are left as they are. ``fallback``:
+        a BINARY SEG (kept with :meth:`keep_file`) sent once instead of the Label Map SEG ``path`` when a
+        destination refuses that SOP class; the refusal is remembered (:meth:`refuses_labelmap`).
         """
         now = time.time()
         new: list[int] = []
+        destinations = list(destinations)
         with self._lock:
             for dest in destinations:
                 cur = self._db.execute(
-                    "INSERT OR IGNORE INTO outbox (sop_instance_uid, destination, path, next_attempt, created) "
-                    "VALUES (?,?,?,?,?)",
-                    (sop_instance_uid, dest, str(path), now, now),
+                    "INSERT OR IGNORE INTO outbox (sop_instance_uid, destination, path, next_attempt, created, "
+                    "fallback) VALUES (?,?,?,?,?,?)",
+                    (sop_instance_uid, dest, str(path), now, now, str(fallback) if fallback else ""),
                 )
                 if cur.rowcount:
                     new.append(int(cur.lastrowid or 0))
@@ -175,6 +198,30 @@ class Outbox:
             logger.info("Queued %s for %s", sop_instance_uid, ", ".join(destinations))
             self.wakeup.set()
         return new
+
+    def keep_file(self, path: str | os.PathLike[str], name: str) -> Path:
+        """Copy a file the outbox will send (a BINARY fallback SEG) next to the outbox, durably; returns the copy."""
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        target = self.files_dir / name
+        tmp = target.with_name(target.name + ".partial")
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        tmp.replace(target)
+        fd = os.open(self.files_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return target
+
+    def refuses_labelmap(self, destination: str) -> bool:
+        """True once ``destination`` refused a Label Map SEG (such results then go to it as BINARY)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM labelmap_refusals WHERE destination=?", (destination,)).fetchone()
+        return row is not None
 
     def enqueue_file(self, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
         """Queue a DICOM file (its SOP Instance UID is read from the header)."""
@@ -273,8 +320,16 @@ class Outbox:
         # the release: a crash can then repeat a delivery only if it lands between the answer and that commit.
         recorded: set[int] = set()
 
+        fell_back: list[OutboxEntry] = []
+
+        def outcome(e: OutboxEntry, res: StoreResult) -> None:
+            if e.fallback and (res.status in _LABELMAP_REFUSALS or (res.status is None and res.error.startswith("not sent"))):
+                fell_back.append(self._fall_back(e, res))
+            else:
+                counts[self._record(e, res.status, res.error)] += 1
+
         def committed(index: int, res: StoreResult) -> None:
-            counts[self._record(present[index], res.status, res.error)] += 1
+            outcome(present[index], res)
             recorded.add(index)
 
         try:
@@ -296,10 +351,25 @@ class Outbox:
             results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
                        for p, e in zip(paths, present)]
         for e, res in zip(present, results):
-            counts[self._record(e, res.status, res.error)] += 1
+            outcome(e, res)
+        if fell_back:  # once: the BINARY SEG rows have no fallback of their own
+            for state, n in self._deliver(dest, fell_back).items():
+                counts[state] += n
         logger.info("Outbox -> %s: %d delivered, %d failed, %d to retry",
                     dest, counts[DELIVERED], counts[FAILED], counts[PENDING])
         return counts
+
+    def _fall_back(self, e: OutboxEntry, res: StoreResult) -> OutboxEntry:
+        """The destination refused the Label Map SEG: remember that, and make the row send the BINARY SEG."""
+        text = res.error or status.describe(res.status)
+        logger.warning("%s refused the Label Map SEG %s (%s); sending the BINARY SEG instead, and BINARY from now on",
+                       e.destination, e.sop_instance_uid, text)
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO labelmap_refusals (destination, status, detail, at) "
+                             "VALUES (?,?,?,?)", (e.destination, res.status, text[:500], time.time()))
+            self._db.execute("UPDATE outbox SET path=?, fallback='', last_status=?, last_error=? WHERE id=?",
+                             (e.fallback, res.status, f"label map refused ({text[:200]}); sent as BINARY", e.id))
+        return dataclasses.replace(e, path=Path(e.fallback), fallback="")
 
     def _record(self, e: OutboxEntry, code: int | None, error: str, permanent: bool = False) -> str:
         now = time.time()
@@ -356,7 +426,7 @@ class Outbox:
 def _entry(r: sqlite3.Row) -> OutboxEntry:
     return OutboxEntry(
         r["id"], r["sop_instance_uid"], r["destination"], Path(r["path"]), r["state"], r["attempts"],
-        r["next_attempt"], r["last_status"], r["last_error"], r["created"], r["delivered_at"],
+        r["next_attempt"], r["last_status"], r["last_error"], r["created"], r["delivered_at"], r["fallback"],
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class SegmentationOutcome:
     nifti_path: Path | None = None
     image_nifti_path: Path | None = None
     seg_path: Path | None = None
+    #: BINARY copy of a Label Map ``seg_path`` for destinations that need one.
+    seg_binary_path: Path | None = None
     seg_sop_instance_uid: str | None = None
     seg_series_instance_uid: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -66,8 +69,11 @@ def run_segmentation(
     write_dicom_seg: bool = True,
     save_image: bool = False,
     progress: ProgressCallback | None = None,
+    destinations: Sequence[str] = (),
 ) -> SegmentationOutcome:
     """Segment ``series`` with ``prompts`` and write ``<name>.nii.gz`` and ``<name>.seg.dcm``.
+
+    ``destinations``: where the SEG will be delivered (decides its form, see :func:`node.results.plan_seg`).
 
     Raises
     ------
@@ -108,7 +114,8 @@ def run_segmentation(
     )
     outputs = [o for o, on in (("nifti", write_nifti_mask), ("seg", write_dicom_seg)) if on]
     written = write_outputs(series, mask, segment, settings, segmenter.name, segmenter.version, out_dir, name,
-                            outputs, save_image=save_image)
+                            outputs, save_image=save_image, destinations=destinations)
+    outcome.seg_binary_path = written.seg_binary
     outcome.nifti_path, outcome.image_nifti_path, outcome.seg_path = written.nifti, written.image_nifti, written.seg
     outcome.seg_sop_instance_uid = written.seg_sop_instance_uid
     outcome.seg_series_instance_uid = written.seg_series_instance_uid

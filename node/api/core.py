@@ -26,7 +26,7 @@ from starlette.requests import Request
 
 from config.settings import ApiSettings, Settings
 from dicom_io.errors import DicomInputError
-from dicom_io.seg import SegmentSpec
+from dicom_io.seg import SegmentSpec, stack_masks
 from dicom_io.series import Series, load_series
 from dicom_io.store import Store, is_valid_uid
 from models.base import BoxPrompt, Mode, PointPrompt, PromptError, Prompts, SegmentationResult, Segmenter
@@ -34,7 +34,7 @@ from node.destinations import lookup
 from node.errors import ConfigurationError, NodeError
 from node.inference import BATCH, INTERACTIVE, InferencePool, Job, JobContext, Preencoder
 from node.pipeline import image_volume, safe_name
-from node.results import OUTPUTS, Written, write_outputs
+from node.results import OUTPUTS, Written, queue_result, write_outputs
 from node.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -424,6 +424,12 @@ class ResultRecord:
     destinations: list[str] = field(default_factory=list)
     error: str | None = None
     created: float = field(default_factory=time.time)
+    #: Labels of the result's segments (segment numbers 1..n in this order).
+    segments: list[str] = field(default_factory=list)
+    #: ``binary`` or ``labelmap``: the form of ``seg``.
+    seg_format: str | None = None
+    #: A BINARY copy of a label-map ``seg`` for destinations that need it.
+    seg_binary: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         base = f"/v1/segmentations/{self.id}"
@@ -440,6 +446,7 @@ class ResultRecord:
             "slices": self.slices, "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "seg_sop_instance_uid": self.seg_sop_instance_uid,
             "seg_series_instance_uid": self.seg_series_instance_uid,
+            "segments": self.segments or [self.label], "seg_format": self.seg_format,
             "links": links, "error": self.error, "created": self.created,
         }
 
@@ -776,15 +783,25 @@ class ApiContext:
             raise ApiError(404, f"id: segmentation '{result_id}' does not exist.", "id")
         return rec
 
-    def finish_result(self, rec: ResultRecord, series: Series, mask: np.ndarray, segment: SegmentSpec,
-                      model: str, version: str, outputs: Sequence[str], timings: dict[str, float]) -> ResultRecord:
-        """Write the result files and record the outcome (blocking)."""
-        name = safe_name(f"{series.series_instance_uid}_{segment.label}")
-        written = write_outputs(series, mask, segment, self.settings, model, version, rec.dir, name, outputs)
-        voxels = int(mask.sum())
+    def finish_result(self, rec: ResultRecord, series: Series, mask: np.ndarray | Sequence[np.ndarray],
+                      segment: SegmentSpec | Sequence[SegmentSpec], model: str, version: str, outputs: Sequence[str],
+                      timings: dict[str, float]) -> ResultRecord:
+        """Write the result files and record the outcome (blocking).
+
+        ``mask``/``segment``: one segment, or (segments, slices, rows, columns) and one spec per segment.
+        """
+        specs = [segment] if isinstance(segment, SegmentSpec) else list(segment)
+        name = safe_name(f"{series.series_instance_uid}_{specs[0].label}")
+        written = write_outputs(series, mask, specs, self.settings, model, version, rec.dir, name, outputs,
+                                destinations=rec.destinations, refuses_labelmap=self.refuses_labelmap)
+        union = stack_masks(mask).any(axis=0)
+        voxels = int(union.sum())
         rec.voxel_count = voxels
         rec.volume_ml = voxels * series.geometry.voxel_volume_ml
-        rec.slices = [int(k) for k in np.nonzero(mask.any(axis=(1, 2)))[0]]
+        rec.slices = [int(k) for k in np.nonzero(union.any(axis=(1, 2)))[0]]
+        rec.segments = [s.label for s in specs]
+        rec.seg_format = written.seg_format
+        rec.seg_binary = str(written.seg_binary) if written.seg_binary else None
         rec.timings = {**timings, **written.timings}
         rec.nifti = str(written.nifti) if written.nifti else None
         rec.seg = str(written.seg) if written.seg else None
@@ -823,7 +840,12 @@ class ApiContext:
                 out.append(name)
         return out
 
-    def deliver_blocking(self, seg_path: Path, destinations: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def refuses_labelmap(self, destination: str) -> bool:
+        """True when ``destination`` is known to refuse Label Map SEGs (remembered by the outbox)."""
+        return self.outbox is not None and bool(self.outbox.refuses_labelmap(destination))
+
+    def deliver_blocking(self, seg_path: Path, destinations: Sequence[str],
+                         binary_path: Path | None = None) -> dict[str, dict[str, Any]]:
         """Put a SEG into the store and queue it in the persisted outbox for each destination.
 
         Every result leaves the node this way (C-STORE, STOW-RS, XNAT alike): the outbox row is
@@ -832,6 +854,10 @@ class ApiContext:
         is delivered (its DICOMweb server and viewer show it), so it is marked delivered at once
         (retention may then age it out). An app built without an outbox (embedded, tests) sends
         nothing: each destination is reported ``not queued``.
+
+        ``binary_path``: a BINARY copy of a Label Map SEG ``seg_path`` (see :func:`node.results.plan_seg`);
+        it goes to destinations set to ``binary`` or known to refuse label maps, and is the fallback of
+        those set to ``auto``.
 
         Returns
         -------
@@ -845,7 +871,7 @@ class ApiContext:
         if self.outbox is None:
             return {name: {"state": "not queued", "detail": "the node runs without an outbox"}
                     for name in destinations}
-        self.outbox.enqueue(put.sop_instance_uid, put.path, list(destinations))
+        queue_result(self.outbox, self.settings, put.sop_instance_uid, put.path, destinations, binary_path)
         return {name: {"state": "pending"} for name in destinations}
 
     def delivery_state(self, sop_instance_uid: str | None, destinations: Sequence[str]) -> dict[str, Any]:

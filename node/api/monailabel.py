@@ -11,6 +11,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -742,16 +743,19 @@ class MonaiLabelApi:
             raise bad("params.label_info", str(exc)) from exc
         folder = ctx.upload_dir()
         try:
-            written = await run_in_threadpool(write_outputs, series, mask, spec, ctx.settings, model, version,
-                                              folder, safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
+            archive = ctx.archive_name() if session is None and ctx._has_archive() else None
+            written = await run_in_threadpool(
+                partial(write_outputs, destinations=[archive] if archive else [],
+                        refuses_labelmap=ctx.refuses_labelmap),
+                series, mask, spec, ctx.settings, model, version, folder,
+                safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
             if written.seg is None:  # pragma: no cover - write_outputs writes what it is asked for
                 raise RuntimeError("SEG was not written")
             data = await run_in_threadpool(written.seg.read_bytes)
             headers: dict[str, str] = {}
-            if session is None and ctx._has_archive():
+            if archive:
                 # Like every result: into the store, then the persisted outbox delivers it (retried, once).
-                archive = ctx.archive_name()
-                states = await run_in_threadpool(ctx.deliver_blocking, written.seg, [archive])
+                states = await run_in_threadpool(ctx.deliver_blocking, written.seg, [archive], written.seg_binary)
                 headers["X-Stored-To"] = f"{archive}: {states[archive]['state']}"
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -148,7 +148,8 @@ class NativeApi:
                                     segment, inferred.model, inferred.version, outputs, timings)
             if rec.seg:  # into the store, and to each destination
                 t = time.perf_counter()
-                await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations)
+                await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations,
+                                        Path(rec.seg_binary) if rec.seg_binary else None)
                 rec.timings["deliver"] = time.perf_counter() - t
                 await run_in_threadpool(rec.save)
             return rec
@@ -337,7 +338,8 @@ class NativeApi:
                 ctx.finish_result, rec, session.series, session.mask, segment,
                 getattr(seg, "name", session.model), getattr(seg, "version", ""), outputs, dict(last.timings))
             if rec.seg:  # into the store, and to each destination
-                await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations)
+                await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations,
+                                        Path(rec.seg_binary) if rec.seg_binary else None)
         return JSONResponse({**_result_json(ctx, rec), "session": session.id}, status_code=201,
                             headers={"Location": f"/v1/segmentations/{rec.id}"})
 
