@@ -617,7 +617,12 @@ class MonaiLabelApi:
                                                                   type=ctx.settings.seg.type))
             if nninter in ("init", "reset"):
                 if nninter == "reset":
-                    session.reset()
+                    # OHIF-AI's "New" (and a change of active segment): the next prompts are another segment;
+                    # the one refined so far is kept, so a commit writes one SEG of all of them.
+                    try:
+                        session.next_segment()
+                    except ValueError as exc:
+                        raise ApiError(409, f"params.nninter: {exc}", "params") from exc
                 # OHIF-AI's viewer (output=dicom_seg) checks the status only; its server answers a JSON string.
                 # The deployment guide of anandpreshob/OHIF-AI (output=all, the default) shows {}.
                 return JSONResponse(NNINTER_REPLY[str(nninter)] if output == "dicom_seg" else {})
@@ -741,13 +746,22 @@ class MonaiLabelApi:
             spec.validate()
         except ValueError as exc:
             raise bad("params.label_info", str(exc)) from exc
+        specs, masks = [spec], [mask]
+        if session is not None:
+            # A session's results are one SEG: each label is a segment (a label answered again replaces its own).
+            try:
+                session.set_segment(spec, mask)
+            except ValueError as exc:
+                raise ApiError(409, f"session_id: {exc}", "session_id") from exc
+            specs = [f.spec for f in session.finished if f.voxel_count]
+            masks = [f.mask for f in session.finished if f.voxel_count]
         folder = ctx.upload_dir()
         try:
             archive = ctx.archive_name() if session is None and ctx._has_archive() else None
             written = await run_in_threadpool(
                 partial(write_outputs, destinations=[archive] if archive else [],
                         refuses_labelmap=ctx.refuses_labelmap),
-                series, mask, spec, ctx.settings, model, version, folder,
+                series, np.stack(masks), specs, ctx.settings, model, version, folder,
                 safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
             if written.seg is None:  # pragma: no cover - write_outputs writes what it is asked for
                 raise RuntimeError("SEG was not written")
