@@ -528,7 +528,11 @@ def recover_results(results_dir: str | os.PathLike[str], store: Store, outbox: O
         except (OSError, InstanceValidationError) as exc:
             logger.error("Result %s: its SEG cannot be queued at recovery: %s", folder.name, exc)
             continue
-        outbox.enqueue(put.sop_instance_uid, put.path, missing)
+        from node.results import queue_result
+
+        binary = data.get("seg_binary")  # the BINARY copy of a label-map SEG, for destinations that need it
+        queue_result(outbox, outbox.settings, put.sop_instance_uid, put.path, missing,
+                     Path(binary) if binary and Path(binary).exists() else None)
         report.requeued.append(folder.name)
     if report.interrupted or report.requeued:
         logger.warning("Results recovery: %d interrupted job(s) marked, %d result(s) queued for delivery",
