@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_io.errors import DicomInputError
 

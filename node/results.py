@@ -14,7 +14,14 @@ import numpy as np
 
 from config.settings import Settings
 from dicom_io.seg import (
-    SEG_FORMATS, AlgorithmSpec, SegmentSpec, build_seg, label_map, resolve_format, segments_overlap, stack_masks,
+    SEG_FORMATS,
+    AlgorithmSpec,
+    SegmentSpec,
+    build_seg,
+    label_map,
+    resolve_format,
+    segments_overlap,
+    stack_masks,
     write_seg,
 )
 from dicom_io.series import Series
@@ -184,9 +191,10 @@ def write_outputs(series: Series, mask: np.ndarray | Sequence[np.ndarray], segme
         else:
             form, fallback = plan_seg(settings, destinations, overlap, refuses_labelmap)
         algorithm = AlgorithmSpec(name=segmenter_name, version=segmenter_version, algorithm_type=algorithm_type)
-        common = dict(manufacturer=settings.seg.manufacturer, software_version=__version__,
-                      series_description=settings.seg.series_description, series_number=settings.seg.series_number)
-        seg = build_seg(masks, series, specs, algorithm, seg_format=form, **common)  # type: ignore[arg-type]
+        common: dict[str, Any] = {"manufacturer": settings.seg.manufacturer, "software_version": __version__,
+                                  "series_description": settings.seg.series_description,
+                                  "series_number": settings.seg.series_number}
+        seg = build_seg(masks, series, specs, algorithm, seg_format=form, **common)
         out.seg = write_seg(seg, out_dir / f"{name}.seg.dcm")
         out.seg_format = form
         out.seg_sop_instance_uid = str(seg.SOPInstanceUID)
@@ -194,7 +202,7 @@ def write_outputs(series: Series, mask: np.ndarray | Sequence[np.ndarray], segme
         out.timings["seg"] = time.perf_counter() - t
         if fallback:
             t = time.perf_counter()
-            binary = build_seg(masks, series, specs, algorithm, seg_format="binary", **common)  # type: ignore[arg-type]
+            binary = build_seg(masks, series, specs, algorithm, seg_format="binary", **common)
             out.seg_binary = write_seg(binary, out_dir / f"{name}.binary.seg.dcm")
             out.timings["seg_binary"] = time.perf_counter() - t
     return out
@@ -221,5 +229,14 @@ def queue_result(outbox: Any, settings: Settings, sop_instance_uid: str, path: P
     return ids
 
 
-__all__ = ["MAX_SEGMENTS", "queue_result", "OUTPUTS", "Written", "check_formats", "destination_format", "plan_seg",
-           "segments_sidecar", "write_outputs"]
+__all__ = [
+    "MAX_SEGMENTS",
+    "OUTPUTS",
+    "Written",
+    "check_formats",
+    "destination_format",
+    "plan_seg",
+    "queue_result",
+    "segments_sidecar",
+    "write_outputs",
+]

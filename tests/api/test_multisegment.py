@@ -101,7 +101,7 @@ def test_ohif_ai_new_segment_then_commit_writes_both(api: Api, phantom: PhantomS
     assert two.status_code == 200, two.text
     session = api.ctx.sessions.find("anonymous", phantom.series_instance_uid, "litemedsam")
     assert session is not None and len(session.finished) == 1 and len(session.steps) == 1
-    specs, masks = session.segments()
+    specs, _ = session.segments()
     assert [s.label for s in specs] == ["Segment", "Segment 2"] and specs[0].color != specs[1].color
     commit = api.client.post(f"/v1/sessions/{session.id}/commit", json={"outputs": ["seg"]})
     assert commit.status_code == 201, commit.text

@@ -17,8 +17,17 @@ from dicomio_helpers import AXIAL, SAGITTAL, dciodvfy_errors, oblique_orientatio
 
 from dicom_io.phantom import write_phantom_series
 from dicom_io.seg import (
-    LABELMAP_SEG_SOP_CLASS, SEG_SOP_CLASS, AlgorithmSpec, SegmentSpec, build_seg, label_map, read_seg_mask,
-    read_seg_masks, resolve_format, segments_overlap, write_seg,
+    LABELMAP_SEG_SOP_CLASS,
+    SEG_SOP_CLASS,
+    AlgorithmSpec,
+    SegmentSpec,
+    build_seg,
+    label_map,
+    read_seg_mask,
+    read_seg_masks,
+    resolve_format,
+    segments_overlap,
+    write_seg,
 )
 from dicom_io.series import Series, load_series
 
@@ -33,8 +42,8 @@ SPECS = [
 #: A label map is checked for exactly these two and nothing else.
 PRE_SUP243 = {
     "Error - Information Object Not found",
-    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence item number 1 "
-    "(from one) with SegmentNumber of 0",
+    ("Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence item number 1 "
+     "(from one) with SegmentNumber of 0"),
 }
 ORIENTATIONS = {"axial": AXIAL, "sagittal": SAGITTAL, "oblique": oblique_orientation(20.0, 15.0)}
 
@@ -69,7 +78,7 @@ def _dcmqi(seg_path: Path, out: Path) -> dict[str, np.ndarray]:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([str(tool if tool.exists() else "segimage2itkimage"), "--inputDICOM", str(seg_path),
                            "--outputDirectory", str(out), "--prefix", "d", "--outputType", "nifti"],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     meta = json.loads((out / "d-meta.json").read_text())
     found: dict[str, np.ndarray] = {}
@@ -91,7 +100,7 @@ def _ras_of(series: Series, mask: np.ndarray) -> np.ndarray:
 def _same_points(a: np.ndarray, b: np.ndarray, tol: float = 0.05) -> bool:
     if a.shape != b.shape:
         return False
-    key = lambda p: np.lexsort(np.round(p / tol).T)  # noqa: E731
+    key = lambda p: np.lexsort(np.round(p / tol).T)
     return bool(np.allclose(a[key(a)], b[key(b)], atol=tol))
 
 
