@@ -12,6 +12,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from pydicom.sr.coding import Code
 
 from dicom_io.errors import DicomInputError
@@ -179,9 +180,9 @@ def build_seg(
     segment
         One :class:`SegmentSpec` per segment (segment numbers 1..n in this order).
     seg_format
-        ``binary`` (Segmentation Storage, SegmentationType BINARY) or ``labelmap`` (Label Map
-        Segmentation Storage, PS3.3 A.51 as of Supplement 243); ``auto`` is resolved by the caller
-        (:func:`resolve_format`).
+        ``binary`` (Segmentation Storage, SegmentationType BINARY, Explicit VR Little Endian) or
+        ``labelmap`` (Label Map Segmentation Storage, PS3.3 A.51 as of Supplement 243, RLE Lossless);
+        ``auto`` is resolved by the caller (:func:`resolve_format`).
 
     Returns
     -------
@@ -256,6 +257,9 @@ def build_seg(
         content_label=_content_label(specs[0].label if len(specs) == 1 else "SEGMENTATION"),
         content_description=f"{algorithm.name} {algorithm.algorithm_type.lower()} segmentation"[:64],
         omit_empty_frames=bool(stacked.any()),
+        # A label map's 8/16-bit frames are RLE Lossless (as OHIF 3.13 writes them): a 512x512x300 label map is
+        # ~31 MB uncompressed; a BINARY SEG stays 1-bit Explicit VR Little Endian (what every reader takes).
+        transfer_syntax_uid=RLELossless if labelmap else ExplicitVRLittleEndian,
     )
     logger.info(
         "Built %s SEG %s (series %s) over source series %s: %d segment(s), %d frames",

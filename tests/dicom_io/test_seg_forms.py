@@ -114,6 +114,7 @@ def test_round_trip(series: Series, tmp_path: Path, form: str, n: int) -> None:
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == (LABELMAP_SEG_SOP_CLASS if form == "labelmap" else SEG_SOP_CLASS)
     assert ds.SegmentationType == form.upper()
+    assert ds.file_meta.TransferSyntaxUID == ("1.2.840.10008.1.2.5" if form == "labelmap" else "1.2.840.10008.1.2.1")
     # every segment: label, colour, category/type codes, algorithm identification
     described = [s for s in ds.SegmentSequence if int(s.SegmentNumber) > 0]
     assert [s.SegmentLabel for s in described] == [s.label for s in SPECS[:n]]
