@@ -12,8 +12,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicom_io.errors import DicomInputError
 
