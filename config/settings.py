@@ -131,6 +131,11 @@ class SegSettings:
     series_description: str = "ainode segmentation"
     #: SeriesNumber of every SEG series.
     series_number: int = 9901
+    #: SEG form written: ``binary`` (Segmentation Storage, read by every viewer and archive), ``auto`` (a Label Map
+    #: SEG, SOP Class 1.2.840.10008.5.1.4.1.1.66.7, when the segments do not overlap and the destination accepts
+    #: it, else BINARY) or ``labelmap`` (label map unless segments overlap). Overlapping segments are always
+    #: BINARY. A destination's ``seg_format`` overrides it (docs/seg.md).
+    format: str = "binary"
 
 
 @dataclass(frozen=True)
@@ -346,6 +351,8 @@ class DestinationSettings:
     #: XNAT upload route for a SEG: ``auto`` (ROI collection API when the server offers it, else the
     #: import service), ``roi`` or ``import``.
     xnat_upload: str = "auto"
+    #: SEG form sent to this destination: ``auto``, ``labelmap`` or ``binary`` (see ``seg.format``); empty = ``seg.format``.
+    seg_format: str = ""
 
 
 @dataclass(frozen=True)

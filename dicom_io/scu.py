@@ -229,6 +229,10 @@ def _associate(peer: Peer, contexts: Sequence[tuple[str, Sequence[str]]]) -> tup
     except Exception as exc:  # socket/TLS errors surface here on some paths
         return None, f"cannot associate with {peer}: {type(exc).__name__}: {exc}"
     if not assoc.is_established:
+        rejected = sorted({str(cx.abstract_syntax) for cx in (getattr(assoc, "rejected_contexts", None) or [])})
+        if assoc.is_aborted and rejected and not getattr(assoc, "accepted_contexts", None):
+            # pynetdicom aborts when the peer accepted none of the proposed presentation contexts (PS3.8 9.3.3.2)
+            return None, f"not sent: {peer} accepted no presentation context (SOP class {', '.join(rejected)})"
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         return None, f"association with {peer} {why}"
     try:

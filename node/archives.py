@@ -15,15 +15,15 @@ from typing import Any, TypeVar
 from config.settings import DestinationSettings, Settings
 from dicom_io.dicomweb import DicomwebClient, PullResult
 from dicom_io.scu import StoreResult
-from dicom_io.store import InstanceInfo, Store
-from dicom_io.xnat import XnatClient, XnatPullResult, XnatSession
+from dicom_io.store import Store
+from dicom_io.xnat import XnatClient, XnatPullResult
+from node.destinations import KINDS, lookup, open_destination
 from node.errors import ConfigurationError
 
 _C = TypeVar("_C")
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("dimse", "dicomweb", "xnat")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS origins (
@@ -41,20 +41,14 @@ CREATE INDEX IF NOT EXISTS origins_study ON origins(study_instance_uid);
 
 
 def destination(name: str, settings: Settings) -> DestinationSettings:
-    """The configured destination ``name``.
+    """The configured destination ``name`` (see :func:`node.destinations.lookup`, the one lookup).
 
     Raises
     ------
     ConfigurationError
         When it is not configured or its ``kind`` is unknown.
     """
-    dest = settings.destinations.get(name)
-    if dest is None:
-        known = ", ".join(sorted(settings.destinations)) or "none configured"
-        raise ConfigurationError(f"Destination '{name}' is not configured (known: {known}).")
-    if dest.kind not in KINDS:
-        raise ConfigurationError(f"Destination '{name}' has kind '{dest.kind}'; use one of {', '.join(KINDS)}.")
-    return dest
+    return lookup(name, settings)
 
 
 def open_dicomweb(name: str, settings: Settings) -> DicomwebClient:
@@ -243,36 +237,17 @@ def send_to_destination(name: str, settings: Settings, paths: Sequence[Path],
 
     Results use DIMSE status semantics (``node.status``): success/warning = delivered, None or
     0xA7xx = retry later, other codes = refused for good. DIMSE destinations are the outbox's own
-    business (:func:`dicom_io.scu.send_instances`). ``origins`` (opened from ``settings`` when not
-    given) tells which XNAT session a result belongs in.
+    business (:class:`node.destinations.DimseDestination`). ``origins`` (opened from ``settings`` when
+    not given) tells which XNAT session a result belongs in.
 
     Raises
     ------
     ConfigurationError
         When the destination is missing, unusable, or of kind ``dimse``.
     """
-    dest = destination(name, settings)
-    if dest.kind == "dicomweb":
-        with open_dicomweb(name, settings) as client:
-            return client.store_instances(list(paths))
-    if dest.kind == "xnat":
-        own = origins is None
-        known = Origins.for_settings(settings) if origins is None else origins
-
-        def session_for(info: InstanceInfo) -> XnatSession | None:
-            origin = known.of_study(info.study_instance_uid, name)
-            if origin is None or not origin.xnat_session:
-                return None
-            return XnatSession(origin.xnat_session, project=origin.xnat_project, subject=origin.xnat_subject,
-                               study_instance_uid=origin.study_instance_uid)
-
-        try:
-            with open_xnat(name, settings) as xnat:
-                return xnat.store_instances(list(paths), session_for=session_for)
-        finally:
-            if own:
-                known.close()
-    raise ConfigurationError(f"Destination '{name}' is a DIMSE peer; use dicom_io.scu.send_instances.")
+    if lookup(name, settings).kind == "dimse":
+        raise ConfigurationError(f"Destination '{name}' is a DIMSE peer; use node.destinations.open_destination.")
+    return open_destination(name, settings, origins).send(list(paths))
 
 
 def deliver(name: str, settings: Settings, paths: Sequence[Path]) -> list[StoreResult]:

@@ -230,13 +230,16 @@ def _cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
         t = time.perf_counter()
         segmenter = load_segmenter(args.model or settings.model.default, settings)
         timings["model_load"] = time.perf_counter() - t
+        destinations = list(args.send) or list(settings.deliver_to)
+        if not destinations and not args.no_seg:
+            destinations = _origin_destinations(settings, series.series_instance_uid)
         bar = _Progress(f"{segmenter.name} {'2D' if args.two_d else '3D'}", not args.no_progress)
         try:
             outcome = run_segmentation(
                 series, prompts, segmenter, settings,
                 out_dir=Path(args.out), name=args.name, mode="2d" if args.two_d else "3d",
                 segment=segment, write_nifti_mask=not args.no_nifti, write_dicom_seg=not args.no_seg,
-                save_image=args.save_image, progress=bar,
+                save_image=args.save_image, progress=bar, destinations=destinations,
             )
         finally:
             bar.close()
@@ -248,25 +251,27 @@ def _cmd_segment(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILURE
     timings.update(outcome.timings)
     _report(series, segmenter, outcome, timings)
-    destinations = list(args.send) or list(settings.deliver_to)
-    if not destinations and outcome.seg_path:
-        # Unless configured otherwise, the result goes back to the archive the series came from.
-        from node.archives import Origins, result_destinations
-        from node.service import open_store
-
-        known = settings.data_path / "origins.sqlite"
-        origins = Origins(known) if known.exists() else None
-        store = open_store(settings, recover=False) if settings.store_path.exists() else None
-        try:
-            destinations = result_destinations(settings, series.series_instance_uid, origins, store)
-        finally:
-            if origins is not None:
-                origins.close()
-            if store is not None:
-                store.close()
     if destinations and outcome.seg_path:
-        return deliver_files([outcome.seg_path], destinations, settings)
+        binary = {outcome.seg_path: outcome.seg_binary_path} if outcome.seg_binary_path else None
+        return deliver_files([outcome.seg_path], destinations, settings, binary=binary)
     return EXIT_OK
+
+
+def _origin_destinations(settings: Settings, series_instance_uid: str) -> list[str]:
+    """Unless configured otherwise, a result goes back to the archive the series came from."""
+    from node.archives import Origins, result_destinations
+    from node.service import open_store
+
+    known = settings.data_path / "origins.sqlite"
+    origins = Origins(known) if known.exists() else None
+    store = open_store(settings, recover=False) if settings.store_path.exists() else None
+    try:
+        return result_destinations(settings, series_instance_uid, origins, store)
+    finally:
+        if origins is not None:
+            origins.close()
+        if store is not None:
+            store.close()
 
 
 def _report(s: Series, m: Segmenter, o: SegmentationOutcome, timings: dict[str, float]) -> None:

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -239,14 +239,16 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def deliver_files(paths: Sequence[Path], destinations: Sequence[str], settings: Settings,
-                  kind: str = "result") -> int:
+                  kind: str = "result", binary: Mapping[Path, Path] | None = None) -> int:
     """Put files into the store, queue them in the outbox for ``destinations`` and try once now.
 
+    ``binary`` maps a Label Map SEG among ``paths`` to its BINARY copy (see :func:`node.results.queue_result`).
     Whatever is not delivered stays queued; ``ainode serve`` retries it with backoff.
     """
     from node import status
     from node.errors import ConfigurationError
     from node.outbox import DELIVERED, queue_destinations
+    from node.results import queue_result
     from node.service import open_outbox, open_store
 
     try:
@@ -260,7 +262,7 @@ def deliver_files(paths: Sequence[Path], destinations: Sequence[str], settings: 
         ids = []
         for path in paths:
             put = store.put_file(path, kind=kind)
-            ids += outbox.enqueue(put.sop_instance_uid, put.path, dests)
+            ids += queue_result(outbox, settings, put.sop_instance_uid, put.path, dests, (binary or {}).get(path))
             for dest in dests:
                 e = outbox.entry(put.sop_instance_uid, dest)
                 if e is not None and e.state == "pending" and e.id not in ids:

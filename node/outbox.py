@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,10 +15,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config.settings import DestinationSettings, Settings
-from dicom_io.scu import Peer, StoreResult, client_tls_context, send_instances
+from config.settings import Settings
+from dicom_io.scu import Peer, StoreResult
 from dicom_io.store import KIND_RESULT, InstanceInfo, InstanceValidationError, Store
 from node import status
+from node.destinations import Destination, DimseDestination, lookup, open_destination, validate_names
 from node.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (sop_instance_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+CREATE TABLE IF NOT EXISTS labelmap_refusals (
+    destination TEXT PRIMARY KEY,
+    status      INTEGER,
+    detail      TEXT NOT NULL DEFAULT '',
+    at          REAL NOT NULL
+);
 """
+
+#: Answers that refuse a Label Map SEG for its SOP class: 0x0122 (SOP class not supported), 0xA900 (data set
+#: does not match the SOP class) and 0xC000 (a STOW-RS 4xx without a response body); a DIMSE peer that
+#: accepted no presentation context for it gives no status and a "not sent" error (dicom_io.scu).
+_LABELMAP_REFUSALS = frozenset({status.SOP_CLASS_NOT_SUPPORTED, status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                status.CANNOT_UNDERSTAND})
 
 
 @dataclass(frozen=True)
@@ -60,37 +74,30 @@ class OutboxEntry:
     last_error: str
     created: float
     delivered_at: float | None
+    #: A BINARY SEG sent instead when the destination refuses the Label Map SEG at ``path`` ('' = none).
+    fallback: str = ""
 
 
 def destination_peer(name: str, settings: Settings) -> Peer:
-    """The :class:`Peer` for a configured destination name.
+    """The :class:`Peer` of a configured DIMSE destination (looked up by :func:`node.destinations.lookup`).
 
     Raises
     ------
     ConfigurationError
-        When ``name`` is not in ``settings.destinations``.
+        When ``name`` is not configured or not a DIMSE peer.
     """
-    dest: DestinationSettings | None = settings.destinations.get(name)
-    if dest is None:
-        known = ", ".join(sorted(settings.destinations)) or "none configured"
-        raise ConfigurationError(f"Destination '{name}' is not configured (known: {known}).")
-    kind = getattr(dest, "kind", "dimse")
-    if kind != "dimse":
-        raise ConfigurationError(f"Destination '{name}' is of kind '{kind}', not a DIMSE peer.")
-    tls = client_tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key) if dest.tls else None
-    return Peer(
-        ae_title=dest.ae_title, host=dest.host, port=dest.port,
-        calling_ae_title=dest.calling_ae_title or settings.dimse.ae_title,
-        tls=tls, timeout=dest.timeout,
-    )
+    dest = lookup(name, settings)
+    if dest.kind != "dimse":
+        raise ConfigurationError(f"Destination '{name}' is of kind '{dest.kind}', not a DIMSE peer.")
+    return DimseDestination.from_settings(name, dest, settings).peer
 
 
 class Outbox:
     """Per-destination delivery queue persisted in SQLite; exactly one row per (SOP Instance UID, destination).
 
-    DIMSE destinations are sent to with :func:`dicom_io.scu.send_instances`; destinations of another
-    kind (``dicomweb``, ``xnat``) through :func:`node.archives.send_to_destination`, which reports the
-    same DIMSE status semantics, so they get the same retries.
+    Every destination is a :class:`node.destinations.Destination` (DIMSE, DICOMweb, XNAT), opened by
+    :func:`node.destinations.open_destination`; all answer with DIMSE status semantics, so they get
+    the same retries.
 
     A row is ``pending`` until the destination answers the C-STORE with success or a warning
     (``delivered``), or refuses it for good / exhausts ``max_attempts`` (``failed``). No response
@@ -108,8 +115,8 @@ class Outbox:
     store
         When given, queued instances are held against retention and results are marked
         delivered in the store.
-    peer_for
-        Maps a destination name to a :class:`Peer` (default: :func:`destination_peer`).
+    destination_for
+        Maps a destination name to a :class:`Destination` (default: :func:`open_destination`).
     """
 
     def __init__(
@@ -117,13 +124,13 @@ class Outbox:
         path: str | os.PathLike[str],
         settings: Settings,
         store: Store | None = None,
-        peer_for: Callable[[str], Peer] | None = None,
+        destination_for: Callable[[str], Destination] | None = None,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.store = store
-        self.peer_for = peer_for or (lambda name: destination_peer(name, settings))
+        self.destination_for = destination_for or (lambda name: open_destination(name, settings))
         self._lock = threading.RLock()
         self._deliver_lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -132,6 +139,10 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")  # a queued result must survive power loss
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)").fetchall()}
+        if "fallback" not in columns:  # an outbox from before label-map SEGs
+            self._db.execute("ALTER TABLE outbox ADD COLUMN fallback TEXT NOT NULL DEFAULT ''")
+        self.files_dir = self.path.parent / "outbox-files"
         self.wakeup = threading.Event()
 
     def close(self) -> None:
@@ -161,19 +172,23 @@ class Outbox:
 
     # --- queueing -----------------------------------------------------------------------------
 
-    def enqueue(self, sop_instance_uid: str, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
+    def enqueue(self, sop_instance_uid: str, path: str | os.PathLike[str], destinations: Iterable[str],
+                fallback: str | os.PathLike[str] | None = None) -> list[int]:
         """Queue one stored instance for each destination; returns the ids of newly queued rows.
 
-        Rows that already exist for (SOP Instance UID, destination) are left as they are.
+        Rows that already exist for (SOP Instance UID, destination) are left as they are. ``fallback``:
+        a BINARY SEG (kept with :meth:`keep_file`) sent once instead of the Label Map SEG ``path`` when a
+        destination refuses that SOP class; the refusal is remembered (:meth:`refuses_labelmap`).
         """
         now = time.time()
         new: list[int] = []
+        destinations = list(destinations)
         with self._lock:
             for dest in destinations:
                 cur = self._db.execute(
-                    "INSERT OR IGNORE INTO outbox (sop_instance_uid, destination, path, next_attempt, created) "
-                    "VALUES (?,?,?,?,?)",
-                    (sop_instance_uid, dest, str(path), now, now),
+                    "INSERT OR IGNORE INTO outbox (sop_instance_uid, destination, path, next_attempt, created, "
+                    "fallback) VALUES (?,?,?,?,?,?)",
+                    (sop_instance_uid, dest, str(path), now, now, str(fallback) if fallback else ""),
                 )
                 if cur.rowcount:
                     new.append(int(cur.lastrowid or 0))
@@ -183,6 +198,30 @@ class Outbox:
             logger.info("Queued %s for %s", sop_instance_uid, ", ".join(destinations))
             self.wakeup.set()
         return new
+
+    def keep_file(self, path: str | os.PathLike[str], name: str) -> Path:
+        """Copy a file the outbox will send (a BINARY fallback SEG) next to the outbox, durably; returns the copy."""
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        target = self.files_dir / name
+        tmp = target.with_name(target.name + ".partial")
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        tmp.replace(target)
+        fd = os.open(self.files_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return target
+
+    def refuses_labelmap(self, destination: str) -> bool:
+        """True once ``destination`` refused a Label Map SEG (such results then go to it as BINARY)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM labelmap_refusals WHERE destination=?", (destination,)).fetchone()
+        return row is not None
 
     def enqueue_file(self, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
         """Queue a DICOM file (its SOP Instance UID is read from the header)."""
@@ -258,13 +297,8 @@ class Outbox:
 
     def _deliver(self, dest: str, entries: list[OutboxEntry]) -> dict[str, int]:
         counts = {DELIVERED: 0, FAILED: 0, PENDING: 0}
-        peer: Peer | None = None
         try:
-            config = self.settings.destinations.get(dest)
-            if config is not None and getattr(config, "kind", "dimse") != "dimse":
-                peer = None  # delivered through node.archives below
-            else:
-                peer = self.peer_for(dest)
+            target = self.destination_for(dest)
         except (ConfigurationError, OSError, ValueError) as exc:
             for e in entries:
                 counts[self._record(e, None, str(exc), permanent=True)] += 1
@@ -282,39 +316,60 @@ class Outbox:
         if not present:
             return counts
         paths = [e.path for e in present]
-        if peer is None:  # a DICOMweb or XNAT archive: same status semantics, other transport
-            try:
-                from node.archives import send_to_destination
+        # Each answer is committed as it arrives (DIMSE answers one by one), before the next instance and
+        # the release: a crash can then repeat a delivery only if it lands between the answer and that commit.
+        recorded: set[int] = set()
 
-                results: list[StoreResult] = list(send_to_destination(dest, self.settings, paths))
-            except ConfigurationError as exc:
-                for e in present:
+        fell_back: list[OutboxEntry] = []
+
+        def outcome(e: OutboxEntry, res: StoreResult) -> None:
+            if e.fallback and (res.status in _LABELMAP_REFUSALS or (res.status is None and res.error.startswith("not sent"))):
+                fell_back.append(self._fall_back(e, res))
+            else:
+                counts[self._record(e, res.status, res.error)] += 1
+
+        def committed(index: int, res: StoreResult) -> None:
+            outcome(present[index], res)
+            recorded.add(index)
+
+        try:
+            results: list[StoreResult] = list(target.send(paths, on_response=committed))
+        except ConfigurationError as exc:
+            for i, e in enumerate(present):
+                if i not in recorded:
                     counts[self._record(e, None, str(exc), permanent=True)] += 1
-                return counts
-            except Exception as exc:  # a peer or network outcome: retry later
-                logger.warning("Delivery to %s failed: %s", dest, exc)
-                results = [StoreResult(str(p), e.sop_instance_uid, "", None, f"{type(exc).__name__}: {exc}")
-                           for p, e in zip(paths, present)]
-            if len(results) != len(present):
-                results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
-                           for p, e in zip(paths, present)]
-        else:
-            # Each answer is committed as it arrives, before the next instance and the release: a crash
-            # can then repeat a delivery only if it lands between the peer's answer and that commit.
-            recorded: set[int] = set()
-
-            def committed(index: int, res: StoreResult) -> None:
-                counts[self._record(present[index], res.status, res.error)] += 1
-                recorded.add(index)
-
-            results = send_instances(peer, paths, on_response=committed)
+            return counts
+        except Exception as exc:  # a peer or network outcome: retry later
+            logger.warning("Delivery to %s failed: %s", dest, exc)
+            results = [StoreResult(str(p), e.sop_instance_uid, "", None, f"{type(exc).__name__}: {exc}")
+                       for p, e in zip(paths, present)]
+        if target.kind == "dimse":
+            # send_instances reports every instance; those answered through ``committed`` are recorded.
             results = [r for i, r in enumerate(results) if i not in recorded]
             present = [e for i, e in enumerate(present) if i not in recorded]
+        elif len(results) != len(present):
+            results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
+                       for p, e in zip(paths, present)]
         for e, res in zip(present, results):
-            counts[self._record(e, res.status, res.error)] += 1
+            outcome(e, res)
+        if fell_back:  # once: the BINARY SEG rows have no fallback of their own
+            for state, n in self._deliver(dest, fell_back).items():
+                counts[state] += n
         logger.info("Outbox -> %s: %d delivered, %d failed, %d to retry",
                     dest, counts[DELIVERED], counts[FAILED], counts[PENDING])
         return counts
+
+    def _fall_back(self, e: OutboxEntry, res: StoreResult) -> OutboxEntry:
+        """The destination refused the Label Map SEG: remember that, and make the row send the BINARY SEG."""
+        text = res.error or status.describe(res.status)
+        logger.warning("%s refused the Label Map SEG %s (%s); sending the BINARY SEG instead, and BINARY from now on",
+                       e.destination, e.sop_instance_uid, text)
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO labelmap_refusals (destination, status, detail, at) "
+                             "VALUES (?,?,?,?)", (e.destination, res.status, text[:500], time.time()))
+            self._db.execute("UPDATE outbox SET path=?, fallback='', last_status=?, last_error=? WHERE id=?",
+                             (e.fallback, res.status, f"label map refused ({text[:200]}); sent as BINARY", e.id))
+        return dataclasses.replace(e, path=Path(e.fallback), fallback="")
 
     def _record(self, e: OutboxEntry, code: int | None, error: str, permanent: bool = False) -> str:
         now = time.time()
@@ -371,7 +426,7 @@ class Outbox:
 def _entry(r: sqlite3.Row) -> OutboxEntry:
     return OutboxEntry(
         r["id"], r["sop_instance_uid"], r["destination"], Path(r["path"]), r["state"], r["attempts"],
-        r["next_attempt"], r["last_status"], r["last_error"], r["created"], r["delivered_at"],
+        r["next_attempt"], r["last_status"], r["last_error"], r["created"], r["delivered_at"], r["fallback"],
     )
 
 
@@ -473,7 +528,11 @@ def recover_results(results_dir: str | os.PathLike[str], store: Store, outbox: O
         except (OSError, InstanceValidationError) as exc:
             logger.error("Result %s: its SEG cannot be queued at recovery: %s", folder.name, exc)
             continue
-        outbox.enqueue(put.sop_instance_uid, put.path, missing)
+        from node.results import queue_result
+
+        binary = data.get("seg_binary")  # the BINARY copy of a label-map SEG, for destinations that need it
+        queue_result(outbox, outbox.settings, put.sop_instance_uid, put.path, missing,
+                     Path(binary) if binary and Path(binary).exists() else None)
         report.requeued.append(folder.name)
     if report.interrupted or report.requeued:
         logger.warning("Results recovery: %d interrupted job(s) marked, %d result(s) queued for delivery",
@@ -505,14 +564,7 @@ def queue_destinations(names: Iterable[str], settings: Settings) -> list[str]:
     ConfigurationError
         When a name is not configured.
     """
-    out: list[str] = []
-    for name in names:
-        if name not in settings.destinations:
-            known = ", ".join(sorted(settings.destinations)) or "none configured"
-            raise ConfigurationError(f"Destination '{name}' is not configured (known: {known}).")
-        if name not in out:
-            out.append(name)
-    return out
+    return validate_names(names, settings)
 
 
 __all__ = ["DELIVERED", "FAILED", "INTERRUPTED", "PENDING", "Outbox", "OutboxEntry", "OutboxWorker", "ResultRecovery",

@@ -5,20 +5,19 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from config.settings import Settings
-from dicom_io.nifti import write_nifti
-from dicom_io.seg import AlgorithmSpec, SegmentSpec, build_seg, write_seg
+from dicom_io.seg import SegmentSpec
 from dicom_io.series import Series
 from models.base import ImageVolume, Mode, ProgressCallback, Prompts, Segmenter
+from node.results import write_outputs
 
 logger = logging.getLogger(__name__)
-
-from node import __version__
 
 
 @dataclass
@@ -33,6 +32,8 @@ class SegmentationOutcome:
     nifti_path: Path | None = None
     image_nifti_path: Path | None = None
     seg_path: Path | None = None
+    #: BINARY copy of a Label Map ``seg_path`` for destinations that need one.
+    seg_binary_path: Path | None = None
     seg_sop_instance_uid: str | None = None
     seg_series_instance_uid: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -68,8 +69,11 @@ def run_segmentation(
     write_dicom_seg: bool = True,
     save_image: bool = False,
     progress: ProgressCallback | None = None,
+    destinations: Sequence[str] = (),
 ) -> SegmentationOutcome:
     """Segment ``series`` with ``prompts`` and write ``<name>.nii.gz`` and ``<name>.seg.dcm``.
+
+    ``destinations``: where the SEG will be delivered (decides its form, see :func:`node.results.plan_seg`).
 
     Raises
     ------
@@ -108,27 +112,14 @@ def run_segmentation(
         slice_scores=dict(result.slice_scores),
         timings=timings,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if write_nifti_mask:
-        t = time.perf_counter()
-        outcome.nifti_path = write_nifti(mask.astype(np.uint8), series.geometry, out_dir / f"{name}.nii.gz")
-        if save_image:
-            outcome.image_nifti_path = write_nifti(series.voxels, series.geometry, out_dir / f"{name}.image.nii.gz")
-        timings["nifti"] = time.perf_counter() - t
-    if write_dicom_seg:
-        t = time.perf_counter()
-        seg = build_seg(
-            mask, series, segment,
-            AlgorithmSpec(name=segmenter.name, version=segmenter.version),
-            manufacturer=settings.seg.manufacturer,
-            software_version=__version__,
-            series_description=settings.seg.series_description,
-            series_number=settings.seg.series_number,
-        )
-        outcome.seg_path = write_seg(seg, out_dir / f"{name}.seg.dcm")
-        outcome.seg_sop_instance_uid = str(seg.SOPInstanceUID)
-        outcome.seg_series_instance_uid = str(seg.SeriesInstanceUID)
-        timings["seg"] = time.perf_counter() - t
+    outputs = [o for o, on in (("nifti", write_nifti_mask), ("seg", write_dicom_seg)) if on]
+    written = write_outputs(series, mask, segment, settings, segmenter.name, segmenter.version, out_dir, name,
+                            outputs, save_image=save_image, destinations=destinations)
+    outcome.seg_binary_path = written.seg_binary
+    outcome.nifti_path, outcome.image_nifti_path, outcome.seg_path = written.nifti, written.image_nifti, written.seg
+    outcome.seg_sop_instance_uid = written.seg_sop_instance_uid
+    outcome.seg_series_instance_uid = written.seg_series_instance_uid
+    timings.update(written.timings)
     logger.info(
         "Segmented series %s with %s (%s): %d voxels, %.2f mL on %d slices",
         series.series_instance_uid, segmenter.name, mode, voxel_count, outcome.volume_ml, len(outcome.slices),

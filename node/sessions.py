@@ -61,6 +61,27 @@ class Step:
         return np.unpackbits(self._packed, count=n).astype(bool).reshape(self.shape)
 
 
+#: Most segments one session holds (the finished ones and the one being refined); as node.results.MAX_SEGMENTS.
+MAX_SEGMENTS = 32
+#: Display colours given to segments 2, 3, ... of a session when the client names none (segment 1 keeps its own).
+PALETTE = ("#00ff00", "#ff00ff", "#00ffff", "#ff8000", "#8080ff", "#ff0000", "#80ff80", "#ffff80")
+
+
+class FinishedSegment:
+    """A segment of a session that is no longer being refined: its description and its mask (bit-packed)."""
+
+    def __init__(self, spec: SegmentSpec, mask: np.ndarray) -> None:
+        self.spec = spec
+        self.shape = tuple(int(n) for n in mask.shape)
+        self._packed = np.packbits(np.asarray(mask, dtype=bool), axis=None)
+        self.voxel_count = int(np.count_nonzero(mask))
+
+    @property
+    def mask(self) -> np.ndarray:
+        n = int(np.prod(self.shape))
+        return np.unpackbits(self._packed, count=n).astype(bool).reshape(self.shape)
+
+
 def merge(a: Prompts, b: Prompts) -> Prompts:
     """All prompts of ``a`` and ``b`` (duplicates dropped, order kept)."""
     points = tuple(dict.fromkeys(a.points + b.points))
@@ -95,6 +116,8 @@ class Session:
     meta: dict[str, Any] = field(default_factory=dict)
     #: Serialises refinements of this session (one at a time, in arrival order).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Segments finished before the one being refined (``segment`` / ``steps``); segment numbers 1..n.
+    finished: list[FinishedSegment] = field(default_factory=list)
     _mask: np.ndarray | None = field(default=None, repr=False)
     _mask_of: Step | None = field(default=None, repr=False)
 
@@ -136,6 +159,63 @@ class Session:
         self.steps.clear()
         return n
 
+    def next_segment(self, spec: SegmentSpec | None = None) -> int:
+        """Finish the segment being refined (kept when it has voxels) and start a new one; returns its number.
+
+        ``spec``: the new segment's description (default: the current one's category and type, the label
+        numbered after it and the next colour of :data:`PALETTE`).
+
+        Raises
+        ------
+        ValueError
+            When the session already holds :data:`MAX_SEGMENTS` segments.
+        """
+        mask = self.mask
+        keep = bool(self.steps) and bool(mask.any())
+        if keep and len(self.finished) + 1 >= MAX_SEGMENTS:
+            raise ValueError(f"Session {self.id} holds {MAX_SEGMENTS} segments, the most one session may hold; "
+                             "commit it and open another.")
+        if keep:
+            self.finished.append(FinishedSegment(self.segment, mask))
+        number = len(self.finished) + 1
+        if spec is None and number > 1:
+            first = self.finished[0].spec
+            spec = SegmentSpec(label=f"{first.label[:58]} {number}", color=PALETTE[(number - 2) % len(PALETTE)],
+                               category=first.category, type=first.type)
+        if spec is not None:
+            self.segment = spec
+        self.steps.clear()
+        return number
+
+    def set_segment(self, spec: SegmentSpec, mask: np.ndarray) -> int:
+        """Hold ``mask`` as the segment labelled ``spec.label`` (replacing one of that label); returns its number.
+
+        Used by clients that send whole results per label (MONAI Label): each label is one segment.
+
+        Raises
+        ------
+        ValueError
+            When a new label would pass :data:`MAX_SEGMENTS`.
+        """
+        for n, seg in enumerate(self.finished):
+            if seg.spec.label == spec.label:
+                self.finished[n] = FinishedSegment(spec, mask)
+                return n + 1
+        if len(self.finished) + 1 >= MAX_SEGMENTS:
+            raise ValueError(f"Session {self.id} holds {MAX_SEGMENTS} segments, the most one session may hold.")
+        self.finished.append(FinishedSegment(spec, mask))
+        return len(self.finished)
+
+    def segments(self) -> tuple[list[SegmentSpec], list[np.ndarray]]:
+        """Every segment with voxels: the finished ones, then the one being refined."""
+        specs = [f.spec for f in self.finished if f.voxel_count]
+        masks = [f.mask for f in self.finished if f.voxel_count]
+        current = self.mask
+        if self.steps and current.any():
+            specs.append(self.segment)
+            masks.append(current)
+        return specs, masks
+
     def describe(self) -> dict[str, Any]:
         """JSON-able summary (no patient data)."""
         return {
@@ -149,6 +229,11 @@ class Session:
             "mode": self.mode,
             "label": self.segment.label,
             "steps": len(self.steps),
+            "segment_number": len(self.finished) + 1,
+            "segments": [{"number": n, "label": f.spec.label, "voxel_count": f.voxel_count}
+                         for n, f in enumerate(self.finished, start=1)]
+            + [{"number": len(self.finished) + 1, "label": self.segment.label,
+                "voxel_count": self.steps[-1].voxel_count if self.steps else 0}],
             "points": len(self.prompts.points),
             "boxes": len(self.prompts.boxes),
             "voxel_count": self.steps[-1].voxel_count if self.steps else 0,

@@ -26,20 +26,18 @@ from starlette.requests import Request
 
 from config.settings import ApiSettings, Settings
 from dicom_io.errors import DicomInputError
-from dicom_io.seg import AlgorithmSpec, SegmentSpec, build_seg, write_seg
+from dicom_io.seg import SegmentSpec, stack_masks
 from dicom_io.series import Series, load_series
 from dicom_io.store import Store, is_valid_uid
 from models.base import BoxPrompt, Mode, PointPrompt, PromptError, Prompts, SegmentationResult, Segmenter
-from node import __version__
+from node.destinations import lookup
 from node.errors import ConfigurationError, NodeError
 from node.inference import BATCH, INTERACTIVE, InferencePool, Job, JobContext, Preencoder
 from node.pipeline import image_volume, safe_name
+from node.results import OUTPUTS, Written, queue_result, write_outputs
 from node.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
-
-#: Output names accepted by the native API.
-OUTPUTS = ("nifti", "seg")
 
 
 #: Characters of user input quoted in an error message or a log line; a longer value is cut (docs/security.md).
@@ -426,6 +424,12 @@ class ResultRecord:
     destinations: list[str] = field(default_factory=list)
     error: str | None = None
     created: float = field(default_factory=time.time)
+    #: Labels of the result's segments (segment numbers 1..n in this order).
+    segments: list[str] = field(default_factory=list)
+    #: ``binary`` or ``labelmap``: the form of ``seg``.
+    seg_format: str | None = None
+    #: A BINARY copy of a label-map ``seg`` for destinations that need it.
+    seg_binary: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         base = f"/v1/segmentations/{self.id}"
@@ -442,6 +446,7 @@ class ResultRecord:
             "slices": self.slices, "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "seg_sop_instance_uid": self.seg_sop_instance_uid,
             "seg_series_instance_uid": self.seg_series_instance_uid,
+            "segments": self.segments or [self.label], "seg_format": self.seg_format,
             "links": links, "error": self.error, "created": self.created,
         }
 
@@ -457,47 +462,6 @@ class ResultRecord:
         data = json.loads(path.read_text())
         data["dir"] = Path(data["dir"])
         return cls(**data)
-
-
-@dataclass
-class Written:
-    """Files written for one mask."""
-
-    nifti: Path | None = None
-    seg: Path | None = None
-    seg_sop_instance_uid: str | None = None
-    seg_series_instance_uid: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def write_outputs(series: Series, mask: np.ndarray, segment: SegmentSpec, settings: Settings, segmenter_name: str,
-                  segmenter_version: str, out_dir: Path, name: str, outputs: Sequence[str]) -> Written:
-    """Write ``<name>.nii.gz`` and/or ``<name>.seg.dcm`` for ``mask`` over ``series`` (blocking).
-
-    Raises
-    ------
-    ValueError
-        When the mask does not fit the series.
-    """
-    from dicom_io.nifti import write_nifti
-
-    out = Written()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if "nifti" in outputs:
-        t = time.perf_counter()
-        out.nifti = write_nifti(mask.astype(np.uint8), series.geometry, out_dir / f"{name}.nii.gz")
-        out.timings["nifti"] = time.perf_counter() - t
-    if "seg" in outputs:
-        t = time.perf_counter()
-        seg = build_seg(mask, series, segment, AlgorithmSpec(name=segmenter_name, version=segmenter_version),
-                        manufacturer=settings.seg.manufacturer, software_version=__version__,
-                        series_description=settings.seg.series_description,
-                        series_number=settings.seg.series_number)
-        out.seg = write_seg(seg, out_dir / f"{name}.seg.dcm")
-        out.seg_sop_instance_uid = str(seg.SOPInstanceUID)
-        out.seg_series_instance_uid = str(seg.SeriesInstanceUID)
-        out.timings["seg"] = time.perf_counter() - t
-    return out
 
 
 # --------------------------------------------------------------------------------------- context
@@ -819,15 +783,25 @@ class ApiContext:
             raise ApiError(404, f"id: segmentation '{result_id}' does not exist.", "id")
         return rec
 
-    def finish_result(self, rec: ResultRecord, series: Series, mask: np.ndarray, segment: SegmentSpec,
-                      model: str, version: str, outputs: Sequence[str], timings: dict[str, float]) -> ResultRecord:
-        """Write the result files and record the outcome (blocking)."""
-        name = safe_name(f"{series.series_instance_uid}_{segment.label}")
-        written = write_outputs(series, mask, segment, self.settings, model, version, rec.dir, name, outputs)
-        voxels = int(mask.sum())
+    def finish_result(self, rec: ResultRecord, series: Series, mask: np.ndarray | Sequence[np.ndarray],
+                      segment: SegmentSpec | Sequence[SegmentSpec], model: str, version: str, outputs: Sequence[str],
+                      timings: dict[str, float]) -> ResultRecord:
+        """Write the result files and record the outcome (blocking).
+
+        ``mask``/``segment``: one segment, or (segments, slices, rows, columns) and one spec per segment.
+        """
+        specs = [segment] if isinstance(segment, SegmentSpec) else list(segment)
+        name = safe_name(f"{series.series_instance_uid}_{specs[0].label}")
+        written = write_outputs(series, mask, specs, self.settings, model, version, rec.dir, name, outputs,
+                                destinations=rec.destinations, refuses_labelmap=self.refuses_labelmap)
+        union = stack_masks(mask).any(axis=0)
+        voxels = int(union.sum())
         rec.voxel_count = voxels
         rec.volume_ml = voxels * series.geometry.voxel_volume_ml
-        rec.slices = [int(k) for k in np.nonzero(mask.any(axis=(1, 2)))[0]]
+        rec.slices = [int(k) for k in np.nonzero(union.any(axis=(1, 2)))[0]]
+        rec.segments = [s.label for s in specs]
+        rec.seg_format = written.seg_format
+        rec.seg_binary = str(written.seg_binary) if written.seg_binary else None
         rec.timings = {**timings, **written.timings}
         rec.nifti = str(written.nifti) if written.nifti else None
         rec.seg = str(written.seg) if written.seg else None
@@ -858,11 +832,20 @@ class ApiContext:
             if name not in self.settings.destinations:
                 known = ", ".join(sorted(self.settings.destinations)) or "none configured"
                 raise bad(f"{where}[{n}]", f"destination {echo(name)} is not configured (known: {known}).")
+            try:
+                lookup(name, self.settings)
+            except ConfigurationError as exc:
+                raise bad(f"{where}[{n}]", str(exc)) from exc
             if name not in out:
                 out.append(name)
         return out
 
-    def deliver_blocking(self, seg_path: Path, destinations: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def refuses_labelmap(self, destination: str) -> bool:
+        """True when ``destination`` is known to refuse Label Map SEGs (remembered by the outbox)."""
+        return self.outbox is not None and bool(self.outbox.refuses_labelmap(destination))
+
+    def deliver_blocking(self, seg_path: Path, destinations: Sequence[str],
+                         binary_path: Path | None = None) -> dict[str, dict[str, Any]]:
         """Put a SEG into the store and queue it in the persisted outbox for each destination.
 
         Every result leaves the node this way (C-STORE, STOW-RS, XNAT alike): the outbox row is
@@ -871,6 +854,10 @@ class ApiContext:
         is delivered (its DICOMweb server and viewer show it), so it is marked delivered at once
         (retention may then age it out). An app built without an outbox (embedded, tests) sends
         nothing: each destination is reported ``not queued``.
+
+        ``binary_path``: a BINARY copy of a Label Map SEG ``seg_path`` (see :func:`node.results.plan_seg`);
+        it goes to destinations set to ``binary`` or known to refuse label maps, and is the fallback of
+        those set to ``auto``.
 
         Returns
         -------
@@ -884,7 +871,7 @@ class ApiContext:
         if self.outbox is None:
             return {name: {"state": "not queued", "detail": "the node runs without an outbox"}
                     for name in destinations}
-        self.outbox.enqueue(put.sop_instance_uid, put.path, list(destinations))
+        queue_result(self.outbox, self.settings, put.sop_instance_uid, put.path, destinations, binary_path)
         return {name: {"state": "pending"} for name in destinations}
 
     def delivery_state(self, sop_instance_uid: str | None, destinations: Sequence[str]) -> dict[str, Any]:

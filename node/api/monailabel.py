@@ -11,6 +11,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -616,7 +617,12 @@ class MonaiLabelApi:
                                                                   type=ctx.settings.seg.type))
             if nninter in ("init", "reset"):
                 if nninter == "reset":
-                    session.reset()
+                    # OHIF-AI's "New" (and a change of active segment): the next prompts are another segment;
+                    # the one refined so far is kept, so a commit writes one SEG of all of them.
+                    try:
+                        session.next_segment()
+                    except ValueError as exc:
+                        raise ApiError(409, f"params.nninter: {exc}", "params") from exc
                 # OHIF-AI's viewer (output=dicom_seg) checks the status only; its server answers a JSON string.
                 # The deployment guide of anandpreshob/OHIF-AI (output=all, the default) shows {}.
                 return JSONResponse(NNINTER_REPLY[str(nninter)] if output == "dicom_seg" else {})
@@ -740,18 +746,30 @@ class MonaiLabelApi:
             spec.validate()
         except ValueError as exc:
             raise bad("params.label_info", str(exc)) from exc
+        specs, masks = [spec], [mask]
+        if session is not None:
+            # A session's results are one SEG: each label is a segment (a label answered again replaces its own).
+            try:
+                session.set_segment(spec, mask)
+            except ValueError as exc:
+                raise ApiError(409, f"session_id: {exc}", "session_id") from exc
+            specs = [f.spec for f in session.finished if f.voxel_count]
+            masks = [f.mask for f in session.finished if f.voxel_count]
         folder = ctx.upload_dir()
         try:
-            written = await run_in_threadpool(write_outputs, series, mask, spec, ctx.settings, model, version,
-                                              folder, safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
+            archive = ctx.archive_name() if session is None and ctx._has_archive() else None
+            written = await run_in_threadpool(
+                partial(write_outputs, destinations=[archive] if archive else [],
+                        refuses_labelmap=ctx.refuses_labelmap),
+                series, np.stack(masks), specs, ctx.settings, model, version, folder,
+                safe_name(f"{series.series_instance_uid}_{label}"), ["seg"])
             if written.seg is None:  # pragma: no cover - write_outputs writes what it is asked for
                 raise RuntimeError("SEG was not written")
             data = await run_in_threadpool(written.seg.read_bytes)
             headers: dict[str, str] = {}
-            if session is None and ctx._has_archive():
+            if archive:
                 # Like every result: into the store, then the persisted outbox delivers it (retried, once).
-                archive = ctx.archive_name()
-                states = await run_in_threadpool(ctx.deliver_blocking, written.seg, [archive])
+                states = await run_in_threadpool(ctx.deliver_blocking, written.seg, [archive], written.seg_binary)
                 headers["X-Stored-To"] = f"{archive}: {states[archive]['state']}"
         finally:
             shutil.rmtree(folder, ignore_errors=True)

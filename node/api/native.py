@@ -148,7 +148,8 @@ class NativeApi:
                                     segment, inferred.model, inferred.version, outputs, timings)
             if rec.seg:  # into the store, and to each destination
                 t = time.perf_counter()
-                await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations)
+                await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations,
+                                        Path(rec.seg_binary) if rec.seg_binary else None)
                 rec.timings["deliver"] = time.perf_counter() - t
                 await run_in_threadpool(rec.save)
             return rec
@@ -310,6 +311,20 @@ class NativeApi:
             headers["Content-Encoding"] = "gzip"
         return Response(body, media_type=SLICE_MEDIA_TYPE, headers=headers)
 
+    async def new_segment(self, request: Request) -> Response:
+        """Finish the segment being refined and start the next one (``{"segment": {label, color, ...}}``)."""
+        session = self._session(request)
+        data = await self._json(request)
+        _unknown_keys(data, {"segment"})
+        spec = parse_segment(data.get("segment"), self.ctx.settings) if data.get("segment") is not None else None
+        async with session.lock:
+            try:
+                session.next_segment(spec)
+            except ValueError as exc:
+                raise ApiError(409, f"id: {exc}", "id") from exc
+            session.touch()
+        return JSONResponse(_session_json(session), status_code=201)
+
     async def commit(self, request: Request) -> Response:
         ctx = self.ctx
         session = self._session(request)
@@ -324,20 +339,25 @@ class NativeApi:
         if destinations and "seg" not in outputs:
             raise bad("destinations", "results are delivered as DICOM SEG; add 'seg' to outputs or give [].")
         async with session.lock:
-            if not session.steps:
+            if not session.steps and not session.finished:
                 raise ApiError(409, f"id: session '{session.id}' has no mask yet; add prompts first.", "id")
-            if not session.mask.any():
+            if "segment" in data:
+                session.segment = segment  # names the segment being refined
+            specs, masks = session.segments()
+            if not masks:
                 raise ApiError(409, f"id: session '{session.id}' has an empty mask; nothing to commit.", "id")
             q = ctx.inference.queue(session.model)
             seg = q.segmenter
-            rec = ctx.new_result(session.user, session.series, session.model, session.mode, segment.label)
+            rec = ctx.new_result(session.user, session.series, session.model, session.mode, specs[0].label)
             rec.destinations = destinations
-            last = session.steps[-1]
+            last = session.steps[-1] if session.steps else None
             await run_in_threadpool(
-                ctx.finish_result, rec, session.series, session.mask, segment,
-                getattr(seg, "name", session.model), getattr(seg, "version", ""), outputs, dict(last.timings))
+                ctx.finish_result, rec, session.series, np.stack(masks), specs,
+                getattr(seg, "name", session.model), getattr(seg, "version", ""), outputs,
+                dict(last.timings) if last else {})
             if rec.seg:  # into the store, and to each destination
-                await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations)
+                await run_in_threadpool(ctx.deliver_blocking, Path(rec.seg), destinations,
+                                        Path(rec.seg_binary) if rec.seg_binary else None)
         return JSONResponse({**_result_json(ctx, rec), "session": session.id}, status_code=201,
                             headers={"Location": f"/v1/segmentations/{rec.id}"})
 
@@ -394,6 +414,7 @@ class NativeApi:
             Route("/v1/sessions/{id}/mask", self.get_mask, methods=["GET"]),
             Route("/v1/sessions/{id}/slices", self.get_slices, methods=["GET"]),
             Route("/v1/sessions/{id}/slices/{k}", self.get_slice, methods=["GET"]),
+            Route("/v1/sessions/{id}/segments", self.new_segment, methods=["POST"]),
             Route("/v1/sessions/{id}/commit", self.commit, methods=["POST"]),
             Route("/v1/status", self.status, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -412,7 +433,7 @@ def _session_json(session: Session) -> dict[str, Any]:
     base = f"/v1/sessions/{session.id}"
     return {**session.describe(), "links": {"self": base, "prompts": base + "/prompts", "undo": base + "/undo",
                                             "reset": base + "/reset", "mask": base + "/mask",
-                                            "commit": base + "/commit"}}
+                                            "segments": base + "/segments", "commit": base + "/commit"}}
 
 
 def _first_float(value: Any) -> float | None:

@@ -67,6 +67,10 @@ SCHEMAS: dict[str, Any] = {
                        "destinations": {"type": "array", "items": {"type": "string"}},
                        "segment": {"$ref": "#/components/schemas/Segment"}},
     },
+    "NewSegmentRequest": {
+        "type": "object",
+        "properties": {"segment": {"$ref": "#/components/schemas/Segment"}},
+    },
     "Error": {
         "type": "object",
         "properties": {"error": {"type": "string"}, "detail": {"type": "string"}, "field": {"type": "string"}},
@@ -95,7 +99,9 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, str]] = {
                                           "spacing) and default window", None, "sessions"),
     ("GET", "/v1/sessions/{id}/slices/{k}"): ("One slice's voxels: float32 little-endian (rows, columns) in "
                                               "modality units", None, "sessions"),
-    ("POST", "/v1/sessions/{id}/commit"): ("Write the SEG/NIfTI of the current mask and deliver it",
+    ("POST", "/v1/sessions/{id}/segments"): ("Finish the segment being refined and start the next one",
+                                             "NewSegmentRequest", "sessions"),
+    ("POST", "/v1/sessions/{id}/commit"): ("Write one SEG/NIfTI of all the session's segments and deliver it",
                                            "CommitRequest", "sessions"),
     ("GET", "/v1/status"): ("Queues, running jobs and sessions", None, "node"),
     ("GET", "/metrics"): ("Prometheus metrics", None, "node"),

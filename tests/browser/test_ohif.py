@@ -138,6 +138,38 @@ def test_ohif_embedded_shows_the_nodes_seg(tmp_path: Path) -> None:
         node.stop()
 
 
+def test_ohif_embedded_shows_the_nodes_label_map_seg(tmp_path: Path) -> None:
+    """The same with ``seg.format = "labelmap"``: OHIF 3.13.2 opens the node's Label Map SEG (RLE) over its image."""
+    _need_viewer()
+    phantom = _phantom(tmp_path / "ct")
+    node, base = _start_node(tmp_path, '[seg]\nformat = "labelmap"\n')
+    try:
+        subprocess.run(["storescu", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, phantom.paths)],
+                       check=True, capture_output=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, timeout=60)
+        result = _segment(base, {"series_instance_uid": phantom.series_instance_uid}, _box_prompt(phantom), [])
+        assert result["seg_format"] == "labelmap"
+        study, seg_series = result["study_instance_uid"], result["seg_series_instance_uid"]
+        r = httpx.get(f"{base}{result['links']['seg']}", timeout=60)
+        assert r.status_code == 200
+        ds = pydicom.dcmread(io.BytesIO(r.content), stop_before_pixels=True)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7" and ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+        expected = seg_voxels_by_source(r.content)
+        run = run_browser("ohif_seg.js", {"base": base, "study": study, "seg": seg_series, "patient": PATIENT,
+                                          "segDescription": SEG_DESCRIPTION, "out": str(tmp_path)}, tmp_path)
+        page = run.result
+        assert SEG_DESCRIPTION in page["panelText"] and "SEG" in page["panelText"], page["panelText"]
+        segs = page["segmentations"]
+        assert len(segs) == 1 and segs[0]["label"] == SEG_DESCRIPTION, segs
+        # OHIF 3.13.2 lists the label map's described background (SegmentNumber 0, which highdicom writes as
+        # Supplement 243 has it) as a segment of its own, before the node's segment 1.
+        assert [(s["segmentIndex"], s["label"]) for s in segs[0]["segments"]] == [(0, "Background"), (1, "Segment")]
+        assert segs[0]["voxelsBySop"] == expected and sum(expected.values()) == result["voxel_count"]
+        assert not run.failed_requests(), run.failed_requests()
+        assert not run.blocked, run.blocked
+    finally:
+        node.stop()
+
+
 def test_ohif_through_the_proxy_shows_the_seg_stored_in_orthanc(tmp_path: Path) -> None:
     _need_viewer()
     if not DICOMWEB_PLUGIN.exists():
