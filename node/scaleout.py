@@ -31,6 +31,8 @@ APP_NAME = "ainode"
 ERROR_HEADER = "x-ainode-error"
 #: Serve's header carrying the multiplexed model id (routing key).
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
+#: Slices one pre-encoding request encodes on a replica; between requests the node's queue lets clicks go first.
+PREFETCH_CHUNK = 4
 
 
 class InferenceUnavailableError(QueueFullError):
@@ -178,19 +180,53 @@ class RemoteSegmenter:
         """
         if progress is not None:
             progress(0, 1)  # a job cancelled while it waited stops here
+        result, meta = self._answer(self._request(image, {"op": "segment", "mode": mode,
+                                                          "prompts": _prompts_to_json(prompts)}))
+        self.version = str(meta.get("version") or self.version)
+        if progress is not None:
+            progress(1, 1)
+        return result
+
+    def prefetch(self, image: ImageVolume, *, order: list[int] | None = None, around: int | None = None,
+                 should_stop: Callable[[], bool] | None = None, to_memory: bool = True) -> Any:
+        """Pre-encode on the replica that will serve the series (same routing key as :meth:`segment`).
+
+        :data:`PREFETCH_CHUNK` slices per request; ``should_stop()`` is checked between requests, so
+        a click waits at most one chunk. Returns a :class:`models.litemedsam.PrefetchResult`.
+
+        Raises
+        ------
+        InferenceUnavailableError, ModelError
+            As :meth:`segment`.
+        """
+        from models.litemedsam import PrefetchResult, prefetch_order
+
+        todo = [int(k) for k in (order if order is not None else prefetch_order(image.shape[0], around))]
+        out = PrefetchResult()
+        while todo:
+            if should_stop is not None and should_stop():
+                out.remaining = todo
+                break
+            chunk, todo = todo[:PREFETCH_CHUNK], todo[PREFETCH_CHUNK:]
+            rsp = self._request(image, {"op": "prefetch", "order": chunk, "to_memory": to_memory})
+            if rsp.status_code != 200 or rsp.headers.get(ERROR_HEADER):
+                self._answer(rsp)  # raises the replica's error
+            done = rsp.json()
+            out.encoded += int(done["encoded"])
+            out.loaded += int(done["loaded"])
+            out.cached += int(done["cached"])
+        return out
+
+    def _request(self, image: ImageVolume, op: dict[str, Any]) -> Any:
         request: dict[str, Any] = {
-            "op": "segment", "model": self.name, "mode": mode, "prompts": _prompts_to_json(prompts),
+            **op, "model": self.name,
             "study_instance_uid": image.study_instance_uid, "series_instance_uid": image.series_instance_uid,
             "key": image.key, "fingerprint": self._fingerprints.of(image),
         }
         rsp = self._call(image, request)
         if rsp.status_code == 404 and rsp.headers.get(ERROR_HEADER) == "SeriesNotFound":
             rsp = self._call(image, request, voxels=True)  # not readable over WADO-RS: send the voxels
-        result, meta = self._answer(rsp)
-        self.version = str(meta.get("version") or self.version)
-        if progress is not None:
-            progress(1, 1)
-        return result
+        return rsp
 
     def _call(self, image: ImageVolume, request: dict[str, Any], voxels: bool = False) -> Any:
         import httpx
@@ -366,13 +402,16 @@ class SeriesReplica:
         try:
             arrays = _unpack(body)
             request = json.loads(arrays.pop("request").tobytes())
-            if request.get("op") != "segment":
+            if request.get("op") not in ("segment", "prefetch"):
                 raise ValueError(f"unknown op {str(request.get('op'))[:40]!r}")
         except (ValueError, KeyError, OSError) as exc:
             return JSONResponse({"message": f"bad request: {str(exc)[:200]}"}, status_code=400,
                                 headers={ERROR_HEADER: "BadRequest"})
         slot = await self.series(serve.get_multiplexed_model_id())
         try:
+            if request["op"] == "prefetch":
+                done = await asyncio.to_thread(self._prefetch, slot, request, arrays)
+                return JSONResponse(done)
             content = await asyncio.to_thread(self._segment, slot, request, arrays)
         except _SeriesError as exc:
             return JSONResponse({"message": str(exc)}, status_code=exc.status, headers={ERROR_HEADER: exc.kind})
@@ -405,6 +444,17 @@ class SeriesReplica:
         result.stats = {**result.stats, "replica": self._rank, "replica_pid": os.getpid(),
                         "replica_series_loaded": int(loaded)}
         return _pack_result(result, {"replica_id": self._id, "version": seg.version})
+
+    def _prefetch(self, slot: _SeriesSlot, request: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        self._ensure(slot, request, arrays)
+        seg = self._segmenter(str(request["model"]))
+        prefetch = getattr(seg, "prefetch", None)
+        if prefetch is None or slot.volume is None:
+            return {"encoded": 0, "loaded": 0, "cached": 0}
+        with self._model_lock:
+            done = prefetch(slot.volume, order=[int(k) for k in request["order"]],
+                            to_memory=bool(request.get("to_memory", True)))
+        return {"encoded": done.encoded, "loaded": done.loaded, "cached": done.cached, "replica_pid": os.getpid()}
 
     def _ensure(self, slot: _SeriesSlot, request: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
         """Make ``slot`` hold the series the request's fingerprint names; True when it had to be loaded."""

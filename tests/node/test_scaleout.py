@@ -292,3 +292,37 @@ def test_ray_unreachable_inference_503_while_c_store_still_stores(tmp_path: Path
         assert "inference replicas" in r.json()["error"]
     finally:
         node.stop()
+
+
+def test_preencoding_on_arrival_runs_on_the_replica_that_then_serves_the_series(tmp_path: Path,
+                                                                                 cluster: Cluster) -> None:
+    import dataclasses
+
+    s = cluster.settings
+    # A second node in front of the same replicas, with pre-encoding on. Its series are not on the node the
+    # replicas read WADO-RS from (inference.series_url), so they also prove the fallback: the voxels are sent.
+    settings = dataclasses.replace(
+        s, data_dir=str(tmp_path / "node"), dimse=dataclasses.replace(s.dimse, port=peers.free_port()),
+        http=dataclasses.replace(s.http, port=peers.free_port()),
+        litemedsam=dataclasses.replace(s.litemedsam, preencode=True))
+    node = NodeService(settings)
+    node.start()
+    try:
+        ph = _phantom(tmp_path / "arrival", (6, 64, 64), 20)
+        assert all(r.ok for r in send_instances(Peer("AINODE", "127.0.0.1", settings.dimse.port), ph.paths))
+        assert node.api is not None
+
+        def encoded() -> bool:
+            st = node.api.inference.status().get("litemedsam", {})
+            return st.get("completed", 0) >= 1 and st["background"] == 0 and st["running_count"] == 0
+        assert peers.wait_until(encoded, timeout=120, interval=0.2), node.api.inference.status()
+        base = f"http://127.0.0.1:{settings.http.port}"
+        sid = httpx.post(f"{base}/v1/sessions", json={"series": {"series_instance_uid": ph.series}}, timeout=60)
+        assert sid.status_code == 201, sid.text
+        r = httpx.post(f"{base}/v1/sessions/{sid.json()['id']}/prompts",
+                       json={"points": [{"ijk": [ph.center[0], ph.center[1], ph.k]}]}, timeout=120)
+        assert r.status_code == 200, r.text
+        stats = r.json()["stats"]
+        assert stats["slices_encoded"] == 0 and stats["replica_series_loaded"] == 0, stats
+    finally:
+        node.stop()
