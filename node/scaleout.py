@@ -17,10 +17,26 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from config.settings import (ConfigError, InputSettings, LiteMedSAMSettings, ModelSettings, Sam2Settings,
-                             Settings)
-from models.base import (BoxPrompt, ImageVolume, ModelError, Mode, PointPrompt, ProgressCallback, PromptError,
-                         Prompts, SegmentationResult, Segmenter)
+from config.settings import (
+    InputSettings,
+    LiteMedSAMSettings,
+    ModelSettings,
+    Sam2Settings,
+    Settings,
+)
+from models.base import (
+    BoxPrompt,
+    ImageVolume,
+    Mode,
+    ModelError,
+    PointPrompt,
+    ProgressCallback,
+    PromptError,
+    Prompts,
+    SegmentationResult,
+    Segmenter,
+)
+from node.errors import ConfigurationError
 from node.inference import InferencePool, InferenceQueue, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +72,7 @@ def volume_fingerprint(volume: ImageVolume) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([str(arr.dtype), list(arr.shape), [float(v) for v in volume.spacing],
                          volume.modality]).encode())
-    h.update(memoryview(arr).cast("B"))
+    h.update(arr.data)
     return h.hexdigest()
 
 
@@ -93,7 +109,7 @@ def _prompts_from_json(data: dict[str, Any]) -> Prompts:
 
 def _pack(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -289,7 +305,7 @@ class RayInferencePool(InferencePool):
     def __init__(self, settings: Settings) -> None:
         inf = settings.inference
         if inf.replicas < 1 or inf.replica_concurrency < 1:
-            raise ConfigError(f"inference.replicas ({inf.replicas}) and inference.replica_concurrency "
+            raise ConfigurationError(f"inference.replicas ({inf.replicas}) and inference.replica_concurrency "
                               f"({inf.replica_concurrency}) must be >= 1.")
         super().__init__(settings, lambda name, s: RemoteSegmenter(name, s))
 
@@ -322,15 +338,15 @@ def inference_pool(settings: Settings) -> InferencePool:
 
     Raises
     ------
-    ConfigError
-        When the backend is unknown.
+    node.errors.ConfigurationError
+        When the backend is unknown or the replica counts are below 1.
     """
     backend = settings.inference.backend.strip().lower()
     if backend == "local":
         return InferencePool(settings)
     if backend == "ray":
         return RayInferencePool(settings)
-    raise ConfigError(f"Config 'inference.backend' has value {settings.inference.backend[:40]!r}; "
+    raise ConfigurationError(f"Config 'inference.backend' has value {settings.inference.backend[:40]!r}; "
                       "expected 'local' or 'ray'.")
 
 
@@ -353,7 +369,7 @@ def replica_settings(settings: Settings) -> dict[str, Any]:
 def _settings_from(data: dict[str, Any]) -> Settings:
     return Settings(data_dir=data["data_dir"], model=ModelSettings(**data["model"]),
                     litemedsam=LiteMedSAMSettings(**data["litemedsam"]), sam2=Sam2Settings(**data["sam2"]),
-                    input=InputSettings(**{k: tuple(v) if isinstance(v, list) else v
+                    input=InputSettings(**{k: tuple(v) if isinstance(v, list) else v  # type: ignore[arg-type]
                                            for k, v in data["input"].items()}))
 
 
@@ -521,10 +537,11 @@ class _SeriesError(Exception):
 
 def _replica_identity() -> tuple[str, int]:
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     try:
         ctx = serve.get_replica_context()
-    except Exception:  # not inside Serve (a unit test constructing the class directly)
+    except RayServeException:  # not inside a Serve replica
         return f"pid-{os.getpid()}", -1
     rid = getattr(ctx.replica_id, "unique_id", str(ctx.replica_id))
     rank = getattr(ctx, "rank", None)
@@ -555,7 +572,7 @@ def build_app(settings: Settings) -> Any:
         Replica, name=APP_NAME, num_replicas=inf.replicas, max_ongoing_requests=max(1, inf.replica_concurrency),
         ray_actor_options={"num_cpus": inf.replica_cpus, "num_gpus": inf.replica_gpus},
         health_check_period_s=2.0, health_check_timeout_s=30.0)
-    return deployment.bind(replica_settings(settings))
+    return deployment.bind(replica_settings(settings))  # type: ignore[attr-defined]
 
 
 def app_builder(args: dict[str, str]) -> Any:
