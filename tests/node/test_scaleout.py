@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+import peers
 import pytest
 
-import peers
 from config.settings import Settings
 from dicom_io.phantom import write_phantom_series
 from dicom_io.scu import Peer, send_instances
@@ -125,7 +125,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         deadline = time.monotonic() + 240
         while True:  # the head takes a few seconds to accept drivers
             done = subprocess.run([sys.executable, "-m", "node.cli", "scaleout", "deploy", "--config", str(config)],
-                                  env=env, cwd=peers.ROOT, capture_output=True, text=True, timeout=300)
+                                  env=env, cwd=peers.ROOT, check=False, capture_output=True, text=True, timeout=300)
             if done.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(2)
@@ -326,3 +326,25 @@ def test_preencoding_on_arrival_runs_on_the_replica_that_then_serves_the_series(
         assert stats["slices_encoded"] == 0 and stats["replica_series_loaded"] == 0, stats
     finally:
         node.stop()
+
+
+def test_a_series_that_grew_is_read_again_never_answered_from_the_old_copy(tmp_path: Path, cluster: Cluster,
+                                                                             reference: Any) -> None:
+    ph = _phantom(tmp_path / "grows", (8, 64, 64), 30)
+    peer = Peer("AINODE", "127.0.0.1", cluster.settings.dimse.port)
+    order = list(ph.paths)  # in slice order: the later ones extend the series at its end
+    assert all(r.ok for r in send_instances(peer, order[:6]))  # the first six instances arrive
+    x, y = ph.center
+    k = min(ph.k, 5)
+    click = {"points": [{"ijk": [x, y, k]}]}
+    first = _click(cluster, _session(cluster, ph), click)
+    assert first.status_code == 200, first.text
+    assert first.json()["shape"][0] == 6 and first.json()["stats"]["replica_series_loaded"] == 1
+    assert all(r.ok for r in send_instances(peer, order[6:]))  # the rest arrive later
+    sid = _session(cluster, ph)
+    again = _click(cluster, sid, click)
+    assert again.status_code == 200, again.text
+    assert again.json()["shape"][0] == 8
+    assert again.json()["stats"]["replica_series_loaded"] == 1  # same routing key, new fingerprint: read again
+    want = _local(reference, ph, Prompts(points=(PointPrompt(x, y, k),)), "2d")
+    assert want.any() and np.array_equal(_mask(cluster, sid, _shape(ph)), want)
