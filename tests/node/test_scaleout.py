@@ -112,7 +112,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with log.open("wb") as out:
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2", "--num-gpus=0",
-             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_dir}"],
+             "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=150000000",
+             f"--temp-dir={ray_dir}"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     node = NodeService(settings)
     try:
