@@ -366,6 +366,41 @@ class RouteSettings:
 
 
 @dataclass(frozen=True)
+class InferenceSettings:
+    #: Where model calls run: ``local`` (a worker thread in the node, the default) or ``ray`` (replicas of a Ray
+    #: Serve deployment, possibly on other machines, that the node calls over HTTP; docs/scale-out.md).
+    backend: str = "local"
+    #: Ray cluster the deployment is started on by ``ainode scaleout deploy`` (``auto``: the cluster this machine
+    #: joined with ``ray start``; else ``HOST:6379``).
+    ray_address: str = "auto"
+    #: Serve HTTP endpoint the node sends each model call to (``backend = "ray"``): the Serve proxy's address plus
+    #: the application's route prefix.
+    serve_url: str = "http://127.0.0.1:8100/ainode"
+    #: Port of the Serve HTTP proxy that ``ainode scaleout deploy`` starts (it must match ``serve_url``).
+    serve_port: int = 8100
+    #: Replicas of each model's deployment.
+    replicas: int = 2
+    #: CPUs reserved for each replica (Ray scheduling; the replica's torch uses ``model.threads``).
+    replica_cpus: float = 1.0
+    #: GPUs reserved for each replica (0 = a CPU replica; 1 = one GPU each; fractions share a GPU).
+    replica_gpus: float = 0.0
+    #: Series whose voxels each replica keeps loaded (Serve model multiplexing, least recently used out).
+    series_per_replica: int = 4
+    #: Requests each replica accepts at once (further ones wait in the replica; the model runs one at a time).
+    replica_concurrency: int = 2
+    #: DICOMweb root the replicas read series pixels from (WADO-RS); empty = this node's own
+    #: ``http://127.0.0.1:<http.port>/dicomweb``.
+    series_url: str = ""
+    #: Bearer token the replicas send to ``series_url`` (a ``read`` token of ``api.tokens`` when auth is on).
+    series_token: Secret = field(default_factory=lambda: Secret(""))
+    #: Embedding-cache folder on storage every replica mounts (shared across replicas and machines); empty = each
+    #: replica's own ``litemedsam.disk_cache_dir``.
+    shared_cache: str = ""
+    #: Seconds the node waits for one replica answer before it answers 503 (the request is not retried).
+    request_timeout_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
 class Settings:
     #: Where the node keeps its store, results and caches.
     data_dir: str = "~/.local/share/ainode"
@@ -384,6 +419,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     viewer: ViewerSettings = field(default_factory=ViewerSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
     #: Named peers and archives (``[destinations.PACS]``, ``kind`` = dimse / dicomweb / xnat): where results and
     #: forwarded series go, and what ``ainode pull`` reads from.
     destinations: dict[str, DestinationSettings] = field(default_factory=dict)

@@ -118,12 +118,17 @@ class ImageVolume:
     key
         Identifies the image content (e.g. SeriesInstanceUID) for embedding caches; empty: no caching
         across calls.
+    study_instance_uid, series_instance_uid
+        Where the voxels came from (empty when unknown): a segmenter that forwards calls to remote
+        replicas (node/scaleout.py) sends these instead of the voxels, and the replica reads the series.
     """
 
     array: np.ndarray
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     modality: str = "CT"
     key: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:

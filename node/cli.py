@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.pullcli import add_parsers as _add_pull_parsers
 
     _add_pull_parsers(sub, _add_common)
+    from node.scaleout import add_parsers as _add_scaleout_parsers
+
+    _add_scaleout_parsers(sub, _add_common)
     return parser
 
 
@@ -130,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command in pullcli.COMMANDS:
         return pullcli.run(args, settings)
+    if args.command == "scaleout":
+        from node.scaleout import run_command
+
+        return run_command(args, settings)
     parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse rejects it first
     return EXIT_USAGE
 

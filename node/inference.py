@@ -159,11 +159,18 @@ class InferenceQueue:
         Jobs that may wait (not counting the running one).
     retry_after
         Seconds advertised in :class:`QueueFullError`.
+    workers
+        Worker threads taking jobs from the queue (1 for a local segmenter, which is not thread-safe;
+        more for a segmenter that forwards each call to remote replicas, see :mod:`node.scaleout`).
     """
 
-    def __init__(self, model: str, loader: Callable[[], Segmenter], maxsize: int = 8, retry_after: int = 5) -> None:
+    def __init__(self, model: str, loader: Callable[[], Segmenter], maxsize: int = 8, retry_after: int = 5,
+                 workers: int = 1) -> None:
         if maxsize < 1:
             raise ValueError(f"api.queue_size must be >= 1, got {maxsize}.")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}.")
+        self.workers = workers
         self.model = model
         self._loader = loader
         self._segmenter: Segmenter | None = None
@@ -177,8 +184,10 @@ class InferenceQueue:
         self.maxsize = maxsize
         self.retry_after = retry_after
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._running: Job[Any] | None = None
+        self._threads: list[threading.Thread] = []
+        self._load_lock = threading.Lock()
+        #: Running jobs, in start order.
+        self._running: dict[str, Job[Any]] = {}
         self._counts = {DONE: 0, FAILED: 0, CANCELLED: 0, "rejected": 0}
         self._durations: deque[float] = deque(maxlen=50)
         self._load_error: str = ""
@@ -187,16 +196,19 @@ class InferenceQueue:
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"inference-{self.model}", daemon=True)
-                self._thread.start()
+            if not self._threads:
+                for n in range(self.workers):
+                    name = f"inference-{self.model}" + (f"-{n}" if self.workers > 1 else "")
+                    thread = threading.Thread(target=self._run, name=name, daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel waiting jobs and the running one (it stops after its current slice) and end the worker."""
         with self._lock:
-            thread, self._thread = self._thread, None
-            if self._running is not None:
-                self._running.cancel_requested.set()
+            threads, self._threads = self._threads, []
+            for running in self._running.values():
+                running.cancel_requested.set()
         while True:
             try:
                 _, _, job = self._queue.get_nowait()
@@ -205,9 +217,11 @@ class InferenceQueue:
             if job is not None:
                 self._dequeued(job)
                 self._finish_cancelled(job)
-        if thread is not None:
+        for _ in threads:
             self._queue.put((-1, next(self._seq), None))
-            thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # --- submitting -----------------------------------------------------------------------------
 
@@ -316,7 +330,8 @@ class InferenceQueue:
     def status(self) -> dict[str, Any]:
         """Queue depth, the running job and counters."""
         with self._lock:
-            running = self._running
+            running = next(iter(self._running.values()), None)
+            n_running = len(self._running)
             counts = dict(self._counts)
             durations = list(self._durations)
         seg = self._segmenter
@@ -332,6 +347,8 @@ class InferenceQueue:
             "background": self._queue.qsize() - self._foreground,
             "capacity": self.maxsize,
             "running": running.describe() if running is not None else None,
+            "running_count": n_running,
+            "workers": self.workers,
             "completed": counts[DONE],
             "failed": counts[FAILED],
             "cancelled": counts[CANCELLED],
@@ -350,15 +367,16 @@ class InferenceQueue:
             self._counts[CANCELLED] += 1
 
     def _load(self) -> Segmenter:
-        if self._segmenter is None:
-            try:
-                self._segmenter = self._loader()
-                self._load_error = ""
-            except (SegmenterModelError, OSError, RuntimeError, ValueError) as exc:
-                self._load_error = str(exc)
-                raise ModelUnavailableError(f"Model '{self.model}' cannot be loaded: {exc}") from exc
-            _freeze_long_lived()
-        return self._segmenter
+        with self._load_lock:
+            if self._segmenter is None:
+                try:
+                    self._segmenter = self._loader()
+                    self._load_error = ""
+                except (SegmenterModelError, OSError, RuntimeError, ValueError) as exc:
+                    self._load_error = str(exc)
+                    raise ModelUnavailableError(f"Model '{self.model}' cannot be loaded: {exc}") from exc
+                _freeze_long_lived()
+            return self._segmenter
 
     def _run(self) -> None:
         while True:
@@ -373,7 +391,7 @@ class InferenceQueue:
             job.state = RUNNING
             job.started = time.time()
             with self._lock:
-                self._running = job
+                self._running[job.id] = job
             try:
                 if job.cancel_requested.is_set():
                     raise JobCancelledError(f"Job {job.id} was cancelled.")
@@ -396,7 +414,7 @@ class InferenceQueue:
                 job.future.set_result(result)
             job.finished = time.time()
             with self._lock:
-                self._running = None
+                self._running.pop(job.id, None)
                 key = job.state if job.state in self._counts else FAILED
                 self._counts[key] += 1
                 if job.state == DONE and job.priority < BACKGROUND:

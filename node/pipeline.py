@@ -46,6 +46,8 @@ def image_volume(series: Series) -> ImageVolume:
         spacing=series.geometry.spacing,
         modality=str(series.modality or ""),
         key=f"{series.series_instance_uid}:{series.voxels.shape}",
+        study_instance_uid=str(series.study_instance_uid or ""),
+        series_instance_uid=str(series.series_instance_uid or ""),
     )
 
 

