@@ -7,14 +7,6 @@ class NodeError(Exception):
     """Base class of the node's own errors."""
 
 
-class InvalidInstanceError(NodeError):
-    """A received or given instance cannot be stored (undecodable, missing or invalid UIDs)."""
-
-
-class PeerUnavailableError(NodeError):
-    """A DICOM peer could not be reached or refused the association."""
-
-
 class ModelError(NodeError):
     """A model failed to produce a result."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from config.settings import DestinationSettings, Settings
 from dicom_io.scu import Peer, StoreResult, client_tls_context, send_instances
-from dicom_io.store import KIND_RESULT, InstanceInfo, InstanceValidationError, Store
+from dicom_io.store import KIND_RESULT, InstanceValidationError, Store
 from node import status
 from node.errors import ConfigurationError
 
@@ -183,11 +183,6 @@ class Outbox:
             logger.info("Queued %s for %s", sop_instance_uid, ", ".join(destinations))
             self.wakeup.set()
         return new
-
-    def enqueue_file(self, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
-        """Queue a DICOM file (its SOP Instance UID is read from the header)."""
-        info = InstanceInfo.from_file(path)
-        return self.enqueue(info.sop_instance_uid, path, destinations)
 
     # --- inspection ---------------------------------------------------------------------------
 

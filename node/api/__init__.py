@@ -18,7 +18,7 @@ from dicom_io.errors import DicomInputError
 from dicom_io.store import Store
 from models.base import ModelError as SegmenterModelError
 from models.base import PromptError
-from node.api.auth import BearerAuthMiddleware
+from node.api.auth import AuthMiddleware
 from node.api.core import ApiContext, ApiError, shorten
 from node.inference import (
     InferencePool, JobCancelledError, ModelUnavailableError, QueueFullError, UnknownModelError,
@@ -161,7 +161,7 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
         routes.insert(0, Mount(root, routes=monai.routes()))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(BearerAuthMiddleware, tokens=settings.api.tokens)],
+        middleware=[Middleware(AuthMiddleware, tokens=settings.api.tokens)],
         exception_handlers={
             ApiError: _api_error,  # NodeError subclasses below are looked up by MRO
             QueueFullError: _api_error, TooManySessionsError: _api_error, SessionExpiredError: _api_error,

@@ -331,11 +331,8 @@ class AuthMiddleware:
         await send(body)
 
 
-#: The name the API module has always imported.
-BearerAuthMiddleware = AuthMiddleware
-
 __all__ = [
-    "ADMIN", "ANONYMOUS", "AuthMiddleware", "BearerAuthMiddleware", "DEFAULT_ROLES", "MONAILABEL_ROLES", "PUBLIC",
+    "ADMIN", "ANONYMOUS", "AuthMiddleware", "DEFAULT_ROLES", "MONAILABEL_ROLES", "PUBLIC",
     "Principal", "READ", "ROLES", "ROUTE_ROLES", "SEGMENT", "TokenEntry", "declared_role", "parse_tokens",
     "required_role", "route_roles",
 ]
