@@ -423,7 +423,8 @@ class Settings:
                 raise ConfigError(f"Config file '{path}' cannot be read: {exc.strerror}.") from exc
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"Config file '{path}' is not valid TOML: {exc}.") from exc
-        return _build(cls, data, env, prefix=ENV_PREFIX, where=str(path or "defaults"))
+        settings: Settings = _build(cls, data, env, prefix=ENV_PREFIX, where=str(path or "defaults"))
+        return settings
 
 
 def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: str, where: str) -> Any:
@@ -436,7 +437,7 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         env_name = f"{prefix}{f.name.upper()}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             sub = data.get(f.name, {})
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"Config {where}: '{f.name}' must be a table.")
@@ -462,7 +463,8 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
 
 def _is_named_tables(hint: Any) -> bool:
     args = typing.get_args(hint)
-    return typing.get_origin(hint) in (dict, Mapping, typing.Mapping) and len(args) == 2 and dataclasses.is_dataclass(args[1])
+    return (typing.get_origin(hint) in (dict, Mapping, typing.Mapping) and len(args) == 2
+            and dataclasses.is_dataclass(args[1]))
 
 
 def _cast(key: str, value: Any, hint: Any) -> Any:
@@ -538,7 +540,7 @@ def _iter_documented(cls: type, prefix: str) -> typing.Iterator[tuple[str, str, 
     default = cls()
     for f in dataclasses.fields(cls):
         hint, key = hints[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             yield from _iter_documented(hint, key + ".")
         elif _is_named_tables(hint):
             for sub_key, _env, sub_default, doc in _iter_documented(typing.get_args(hint)[1], key + ".NAME."):
@@ -554,7 +556,7 @@ def iter_fields(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             yield from iter_fields(hint, key + ".")
         elif _is_named_tables(hint):
             for sub_key, _env, sub_default in iter_fields(typing.get_args(hint)[1], key + ".NAME."):

@@ -33,8 +33,8 @@ from dicom_io.store import (
     InstanceInfo,
     InstanceValidationError,
     PutResult,
-    Store,
     StagedInstance,
+    Store,
     StoreFullError,
     check_encoding,
     read_file_meta,
@@ -479,8 +479,10 @@ class DicomwebClient:
             return False
         parts = urllib.parse.urlsplit(url)
         proxies = urllib.request.getproxies_environment()
-        if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass_environment(
-                parts.hostname or "", proxies):
+        # proxy_bypass_environment: the stdlib's NO_PROXY matcher (what getproxies_environment pairs with),
+        # undocumented and so absent from typeshed
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        if (parts.scheme in proxies or "all" in proxies) and not bypass(parts.hostname or "", proxies):
             return False
         return True
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_io.errors import DicomInputError
 
@@ -203,7 +203,12 @@ def read_seg_mask(path: str | Path, series: Series, segment_number: int = 1) -> 
                 combine_segments=True,
                 assert_missing_frames_are_empty=True,
             ).astype(bool)
-            return np.stack([frames[frame - 1] for _uid, frame in series.frame_refs])  # type: ignore[index,operator]
+            picked = []
+            for _uid, frame in series.frame_refs:
+                if frame is None:
+                    raise DicomInputError("Multi-frame source slice without a frame number.")
+                picked.append(frames[frame - 1])
+            return np.stack(picked)
         arr = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=[uid for uid, _ in series.frame_refs],
             segment_numbers=[segment_number],

@@ -22,8 +22,8 @@ from dicom_io.store import Store
 from node.dicomweb import DicomwebConfig, dicomweb_routes
 from node.errors import NodeError
 from node.prompt_page import prompt_page_routes
-from node.viewer import ohif_ai_routes, viewer_routes
 from node.scp import StoredInstance
+from node.viewer import ohif_ai_routes, viewer_routes
 
 # anyio imports its file I/O lazily, at the first FileResponse, on the server's thread while other threads
 # may be importing too. Importing it here, with the app, keeps imports off the request path. Under pytest
@@ -47,7 +47,7 @@ def create_app(
     store: Store,
     *,
     on_stored: Sequence[Callable[[StoredInstance], None]] = (),
-    routes: Sequence[Route | Mount] = (),
+    routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The node's Starlette application.
 

@@ -293,7 +293,8 @@ class InferenceQueue:
 
     def warm_up(self) -> Future[None]:
         """Load the model on the worker thread now (instead of at the first request) and start its
-        background work (LiteMedSAM: the encoder/decoder compile under ``ainode serve`` with ``encoder_backend = "compile"``)."""
+        background work (LiteMedSAM: the encoder/decoder compile under ``ainode serve`` with
+        ``encoder_backend = "compile"``)."""
 
         def warm(seg: Segmenter, ctx: JobContext) -> None:
             start = getattr(seg, "warm_up", None)
@@ -325,7 +326,7 @@ class InferenceQueue:
             "loaded": seg is not None,
             "device": getattr(seg, "device", None),
             "version": getattr(seg, "version", None),
-            "backends": seg.backends() if callable(getattr(seg, "backends", None)) else None,
+            "backends": backends() if callable(backends := getattr(seg, "backends", None)) else None,
             "load_error": self._load_error or None,
             "available": not self._load_error,
             "queued": self._foreground,
@@ -637,6 +638,7 @@ class Preencoder:
 
 
 __all__ = [
-    "BACKGROUND", "BATCH", "CANCELLED", "DONE", "FAILED", "INTERACTIVE", "QUEUED", "RUNNING", "InferencePool", "InferenceQueue", "Job", "JobCancelledError",
+    "BACKGROUND", "BATCH", "CANCELLED", "DONE", "FAILED", "INTERACTIVE", "QUEUED", "RUNNING", "InferencePool",
+    "InferenceQueue", "Job", "JobCancelledError",
     "JobContext", "ModelOutOfMemoryError", "Preencoder", "ModelUnavailableError", "QueueFullError", "UnknownModelError",
 ]

@@ -187,7 +187,8 @@ class Outbox:
     # --- inspection ---------------------------------------------------------------------------
 
     def entries(self, state: str | None = None) -> list[OutboxEntry]:
-        sql, args = "SELECT * FROM outbox", ()
+        sql = "SELECT * FROM outbox"
+        args: tuple[str, ...] = ()
         if state is not None:
             sql, args = sql + " WHERE state=?", (state,)
         with self._lock:
@@ -289,10 +290,10 @@ class Outbox:
             except Exception as exc:  # a peer or network outcome: retry later
                 logger.warning("Delivery to %s failed: %s", dest, exc)
                 results = [StoreResult(str(p), e.sop_instance_uid, "", None, f"{type(exc).__name__}: {exc}")
-                           for p, e in zip(paths, present)]
+                           for p, e in zip(paths, present, strict=False)]
             if len(results) != len(present):
                 results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
-                           for p, e in zip(paths, present)]
+                           for p, e in zip(paths, present, strict=False)]
         else:
             # Each answer is committed as it arrives, before the next instance and the release: a crash
             # can then repeat a delivery only if it lands between the peer's answer and that commit.
@@ -305,7 +306,7 @@ class Outbox:
             results = send_instances(peer, paths, on_response=committed)
             results = [r for i, r in enumerate(results) if i not in recorded]
             present = [e for i, e in enumerate(present) if i not in recorded]
-        for e, res in zip(present, results):
+        for e, res in zip(present, results, strict=False):
             counts[self._record(e, res.status, res.error)] += 1
         logger.info("Outbox -> %s: %d delivered, %d failed, %d to retry",
                     dest, counts[DELIVERED], counts[FAILED], counts[PENDING])

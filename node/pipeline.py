@@ -15,10 +15,9 @@ from dicom_io.nifti import write_nifti
 from dicom_io.seg import AlgorithmSpec, SegmentSpec, build_seg, write_seg
 from dicom_io.series import Series
 from models.base import ImageVolume, Mode, ProgressCallback, Prompts, Segmenter
+from node import __version__
 
 logger = logging.getLogger(__name__)
-
-from node import __version__
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-
 from dicom_io.geometry import Geometry
 from models.base import BoxPrompt, PointPrompt, PromptError
 

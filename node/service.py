@@ -14,8 +14,8 @@ from typing import Any
 
 from config.settings import Settings
 from dicom_io.store import Store
-from node.errors import StoreBusyError
 from node.app import HttpServer, create_app
+from node.errors import StoreBusyError
 from node.events import SeriesCallback, SeriesWatcher, routing_callback
 from node.outbox import Outbox, OutboxWorker, recover_results
 from node.scp import DimseServer

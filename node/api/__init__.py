@@ -21,7 +21,11 @@ from models.base import PromptError
 from node.api.auth import AuthMiddleware
 from node.api.core import ApiContext, ApiError, shorten
 from node.inference import (
-    InferencePool, JobCancelledError, ModelUnavailableError, QueueFullError, UnknownModelError,
+    InferencePool,
+    JobCancelledError,
+    ModelUnavailableError,
+    QueueFullError,
+    UnknownModelError,
 )
 from node.sessions import SessionExpiredError, SessionNotFoundError, SessionStore, TooManySessionsError
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import peers
 import pydicom
 import pytest
-from dw_helpers import AUTH_PASSWORD, AUTH_USER, upload
-from fake_xnat import FakeXnat
 
+import peers
 from config.settings import DestinationSettings, Secret, Settings
 from dicom_io.dicomweb import DicomwebClient, first_value
 from dicom_io.phantom import write_phantom_series
 from dicom_io.store import Store
+from dw_helpers import AUTH_PASSWORD, AUTH_USER, upload
+from fake_xnat import FakeXnat
 from node.app import HttpServer
 from node.archives import (
     Origins,

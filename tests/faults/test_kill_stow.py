@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from faults_helpers import assert_consistent, connect, http_call, indexed_sops, start_node, wait_for
 
 import peers
 from dicom_io.store import Store
+from faults_helpers import assert_consistent, connect, http_call, indexed_sops, start_node, wait_for
 
 
 def _multipart(paths: list[Path], boundary: str) -> list[bytes]:
@@ -82,7 +82,7 @@ def test_kill_9_during_a_chunked_stow(tmp_path: Path) -> None:
         store = Store(data_dir / "store")  # a reader beside the running node
         try:
             # Nothing of the interrupted request was acknowledged; whatever was stored is complete.
-            by_uid = dict(zip(big.sop_uids, big.paths))
+            by_uid = dict(zip(big.sop_uids, big.paths, strict=True))
             for uid in held & set(big.sop_uids):
                 rec = store.instance(uid)
                 assert rec is not None

@@ -13,9 +13,8 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from models.base import ImageVolume  # noqa: E402
-
 from model_test_utils import make_phantom  # noqa: E402
+from models.base import ImageVolume  # noqa: E402
 
 
 @pytest.fixture(scope="session")

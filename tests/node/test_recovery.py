@@ -34,7 +34,7 @@ def test_kill_9_mid_transfer_keeps_every_acknowledged_instance(tmp_path: Path) -
         assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
         assert assoc.is_established
         killer = threading.Timer(0.0, lambda: None)
-        for i, (path, uid) in enumerate(zip(series.paths, series.sop_uids)):
+        for i, (path, uid) in enumerate(zip(series.paths, series.sop_uids, strict=True)):
             if i == 15:
                 # Kill while the next instances are on the wire / being written.
                 killer = threading.Timer(0.005, node.stop, args=(signal.SIGKILL,))
@@ -67,7 +67,7 @@ def test_kill_9_mid_transfer_keeps_every_acknowledged_instance(tmp_path: Path) -
         assert echo(Peer("AINODE", "127.0.0.1", node.port, calling_ae_title="CHECK")).ok
         store = Store(data_dir / "store")  # a reader beside the running node, as `ainode ls` is
         by_uid = {p.name: p for p in series.paths}
-        for uid, path in zip(series.sop_uids, series.paths):
+        for uid, path in zip(series.sop_uids, series.paths, strict=True):
             rec = store.instance(uid)
             if uid in acked:
                 assert rec is not None, f"acknowledged instance {uid} lost"

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sec_helpers import TOKEN_ENTRIES, TOKENS, concrete, settings_for, walk_routes
 
 from config.settings import Secret, Settings
 from node.api.auth import ADMIN, DEFAULT_ROLES, PUBLIC, READ, SEGMENT, declared_role, parse_tokens
+from sec_helpers import TOKEN_ENTRIES, TOKENS, concrete, settings_for, walk_routes
 
 #: Routes answered without a token (docs/security.md): liveness, the API description, the static prompt
 #: page and viewer bundles. Anything else returning data must need a role.

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import peers
 import pytest
 
+import peers
 from config.settings import ApiSettings, HttpSettings, Secret
 from node.errors import ConfigurationError
 
