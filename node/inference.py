@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from config.settings import Settings
-from models.base import ModelError as SegmenterModelError
-from models.base import Segmenter
+from models.base import ModelError, Segmenter
 from node.errors import NodeError
 
 logger = logging.getLogger(__name__)
@@ -355,7 +354,7 @@ class InferenceQueue:
             try:
                 self._segmenter = self._loader()
                 self._load_error = ""
-            except (SegmenterModelError, OSError, RuntimeError, ValueError) as exc:
+            except (ModelError, OSError, RuntimeError, ValueError) as exc:
                 self._load_error = str(exc)
                 raise ModelUnavailableError(f"Model '{self.model}' cannot be loaded: {exc}") from exc
             _freeze_long_lived()

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 from dicom_io import pynetdicom_speedups as speedups
 from dicom_io.store import (
     InstanceInfo,
@@ -39,7 +39,6 @@ from dicom_io.store import (
     is_valid_uid,
 )
 from node import status
-from node.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class CallerPolicy:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When an entry is empty or its host cannot be resolved.
     """
 
@@ -78,7 +77,7 @@ class CallerPolicy:
             ae, sep, host = entry.strip().partition("@")
             ae = ae.strip()
             if not ae:
-                raise ConfigurationError(f"Allowed caller '{entry}' has no AE title; use 'AE' or 'AE@host'.")
+                raise ConfigError(f"Allowed caller '{entry}' has no AE title; use 'AE' or 'AE@host'.")
             self.rules.append((ae, _resolve(host.strip(), entry) if sep else None))
 
     def __bool__(self) -> bool:
@@ -105,7 +104,7 @@ def _normalise_ip(address: str) -> str:
 
 def _resolve(host: str, entry: str) -> frozenset[str]:
     if not host:
-        raise ConfigurationError(f"Allowed caller '{entry}' has an empty host.")
+        raise ConfigError(f"Allowed caller '{entry}' has an empty host.")
     try:
         return frozenset({str(ipaddress.ip_address(host))})
     except ValueError:
@@ -113,7 +112,7 @@ def _resolve(host: str, entry: str) -> frozenset[str]:
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError as exc:
-        raise ConfigurationError(f"Allowed caller '{entry}': host '{host}' cannot be resolved ({exc}).") from exc
+        raise ConfigError(f"Allowed caller '{entry}': host '{host}' cannot be resolved ({exc}).") from exc
     return frozenset(_normalise_ip(str(info[4][0])) for info in infos)
 
 
@@ -264,7 +263,7 @@ def ssl_server_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When a file cannot be loaded.
     """
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -275,7 +274,7 @@ def ssl_server_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
             ctx.load_verify_locations(cafile=ca)
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(
+        raise ConfigError(
             f"DICOM TLS files cannot be loaded (cert '{cert}', key '{key}', ca '{ca}'): {exc}") from exc
     return ctx
 
@@ -336,7 +335,7 @@ class DimseServer:
 
         Raises
         ------
-        ConfigurationError
+        ConfigError
             When TLS is required but no certificate is configured, or TLS files cannot be loaded.
         OSError
             When a port cannot be bound.
@@ -351,7 +350,7 @@ class DimseServer:
         _config.UNRESTRICTED_STORAGE_SERVICE = d.accept_unknown_sop_classes
         tls = ssl_server_context(d.tls_cert, d.tls_key, d.tls_ca) if d.tls_cert else None
         if d.require_tls and tls is None:
-            raise ConfigurationError("dimse.require_tls is set but dimse.tls_cert is empty.")
+            raise ConfigError("dimse.require_tls is set but dimse.tls_cert is empty.")
         listeners: list[tuple[int, ssl.SSLContext | None]] = []
         if tls is not None and d.require_tls:
             listeners.append((d.port, tls))

@@ -68,7 +68,7 @@ class NodeService:
         ------
         StoreBusyError
             When another node serves the same store.
-        node.errors.ConfigurationError
+        config.settings.ConfigError
             When the DIMSE settings are unusable (TLS files).
         OSError
             When the port cannot be bound.
