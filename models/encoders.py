@@ -18,8 +18,9 @@ Backends (figures: docs/models.md, ``benchmarks/encoder``):
     compile takes about a minute on a 2-core CPU (a few seconds when the Inductor cache is warm),
     so it runs in a background thread, started by the first encode (or :meth:`Encoder.start`),
     while ``fused`` answers; the switch happens when the compiled encoder is ready and agrees with
-    ``fused`` on a probe input. The Inductor cache lives
-    in ``<cache_dir>/inductor`` (the node passes a folder under its data dir), so restarts are warm.
+    ``fused`` on a probe input. Inductor caches where ``TORCHINDUCTOR_CACHE_DIR`` points: ``ainode serve``
+    (:func:`node.service.serve`) sets it to ``<cache_dir>/inductor`` (a folder under its data dir), so
+    restarts are warm; other processes keep Inductor's default unless they set it.
     The same thread then runs what :meth:`Encoder.then` registered (LiteMedSAM: the mask decoder's
     compile, :mod:`models.decoders`). Calls always hand the compiled graph an inference tensor of one
     slice, so no request ever triggers a recompile.
@@ -324,10 +325,9 @@ class Encoder:
 
     def _use_inductor_cache(self) -> None:
         if self._cache_dir is not None:
-            inductor_dir = self._cache_dir / "inductor"
-            inductor_dir.mkdir(parents=True, exist_ok=True)
-            # process-wide: Inductor reads it whenever it looks for cached kernels/graphs
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
+            # the folder `ainode serve` points Inductor at (TORCHINDUCTOR_CACHE_DIR, set by the entry point
+            # only: it is process-wide); an unusable cache folder stops the compile here, before it starts
+            (self._cache_dir / "inductor").mkdir(parents=True, exist_ok=True)
 
     def _run_then(self) -> None:
         for fn in self._then:
