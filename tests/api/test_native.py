@@ -290,10 +290,20 @@ def test_interactive_jobs_overtake_queued_batch_jobs(api: Api, phantom: PhantomS
     assert click.describe()["priority"] == INTERACTIVE
 
 
-def test_model_load_leaves_long_lived_objects_out_of_garbage_collection(api: Api) -> None:
-    """After a model load the objects alive then are frozen; garbage made afterwards is still collected."""
+def test_model_load_leaves_long_lived_objects_out_of_garbage_collection(api: Api,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a model load the objects alive then are frozen; garbage made afterwards is still collected.
+
+    The freeze is the service entry point's (node.service.serve sets node.inference.after_model_load; a
+    served node's log shows it, tests/node/test_load_at_start.py): set here as serve sets it.
+    """
     import gc
     import weakref
+
+    from node import inference
+    from node.service import _freeze_long_lived
+
+    monkeypatch.setattr(inference, "after_model_load", _freeze_long_lived)
 
     class Node:
         ref: Any = None
