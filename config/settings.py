@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import tomllib
 import types
@@ -17,7 +18,40 @@ CONFIG_ENV = "AINODE_CONFIG"
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+    """The node cannot run with these settings: a value is missing, unknown or of the wrong type (at load), or
+    something it names cannot be used (TLS files, an unknown destination, a malformed ``api.tokens`` entry)."""
+
+
+class _Choice(enum.StrEnum):
+    """A closed set of settings values: a ``str`` (compares, formats and serialises as its value)."""
+
+    def __repr__(self) -> str:  # as the plain string it replaces (``ainode config``, dataclass reprs)
+        return repr(self.value)
+
+
+class DestinationKind(_Choice):
+    """What a ``[destinations.NAME]`` is (``kind``)."""
+
+    DIMSE = "dimse"  # a C-STORE peer
+    DICOMWEB = "dicomweb"  # a QIDO/WADO/STOW-RS archive
+    XNAT = "xnat"  # an XNAT server (REST API)
+
+
+class HttpAuth(_Choice):
+    """HTTP authentication towards a ``dicomweb`` or ``xnat`` destination (``auth``)."""
+
+    NONE = "none"
+    BASIC = "basic"  # username/password (XNAT: also an alias token)
+    BEARER = "bearer"  # token (DICOMweb)
+    JSESSION = "jsession"  # token = an XNAT JSESSIONID
+
+
+class XnatUpload(_Choice):
+    """How a SEG is uploaded to an ``xnat`` destination (``xnat_upload``)."""
+
+    AUTO = "auto"  # the ROI collection API when the server offers it, else the import service
+    ROI = "roi"
+    IMPORT = "import"
 
 
 class Secret:
@@ -324,7 +358,7 @@ class DestinationSettings:
     timeout: float = 30.0
     #: What the destination is: ``dimse`` (C-STORE peer), ``dicomweb`` (QIDO/WADO/STOW-RS archive such as
     #: Orthanc, dcm4chee-arc or a cloud archive) or ``xnat`` (XNAT REST API).
-    kind: str = "dimse"
+    kind: DestinationKind = DestinationKind.DIMSE
     #: Base URL of a ``dicomweb`` or ``xnat`` archive, e.g. ``http://pacs:8042/dicom-web`` or ``https://xnat.example``.
     url: str = ""
     #: Path appended to ``url`` for QIDO-RS (``dicomweb``); empty = ``url`` itself.
@@ -335,7 +369,7 @@ class DestinationSettings:
     stow_prefix: str = ""
     #: HTTP authentication: ``none``, ``basic`` (``username``/``password``; for XNAT also an alias token
     #: ``alias``/``secret``), ``bearer`` (``token``; DICOMweb) or ``jsession`` (``token`` = an XNAT JSESSIONID).
-    auth: str = "none"
+    auth: HttpAuth = HttpAuth.NONE
     #: User name (or XNAT alias token) for ``basic`` authentication.
     username: str = ""
     #: Password (or XNAT alias token secret) for ``basic`` authentication.
@@ -350,8 +384,9 @@ class DestinationSettings:
     project: str = ""
     #: XNAT upload route for a SEG: ``auto`` (ROI collection API when the server offers it, else the
     #: import service), ``roi`` or ``import``.
-    xnat_upload: str = "auto"
-    #: SEG form sent to this destination: ``auto``, ``labelmap`` or ``binary`` (see ``seg.format``); empty = ``seg.format``.
+    xnat_upload: XnatUpload = XnatUpload.AUTO
+    #: SEG form sent to this destination: ``auto``, ``labelmap`` or ``binary`` (see ``seg.format``);
+    #: empty = ``seg.format``.
     seg_format: str = ""
 
 
@@ -466,10 +501,12 @@ class Settings:
                 raise ConfigError(f"Config file '{path}' cannot be read: {exc.strerror}.") from exc
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"Config file '{path}' is not valid TOML: {exc}.") from exc
-        return _build(cls, data, env, prefix=ENV_PREFIX, where=str(path or "defaults"))
+        settings: Settings = _build(cls, data, env, prefix=ENV_PREFIX, where=str(path or "defaults"))
+        return settings
 
 
-def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: str, where: str) -> Any:
+def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: str, where: str,
+           path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -479,11 +516,12 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         env_name = f"{prefix}{f.name.upper()}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             sub = data.get(f.name, {})
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"Config {where}: '{f.name}' must be a table.")
-            kwargs[f.name] = _build(hint, sub, env, prefix=env_name + "_", where=where + f" [{f.name}]")
+            kwargs[f.name] = _build(hint, sub, env, prefix=env_name + "_", where=where + f" [{f.name}]",
+                                    path=f"{path}{f.name}.")
         elif _is_named_tables(hint):
             # dict[str, SomeDataclass]: named tables such as [destinations.PACS]; TOML only.
             item_cls = typing.get_args(hint)[1]
@@ -494,18 +532,20 @@ def _build(cls: type, data: Mapping[str, Any], env: Mapping[str, str], prefix: s
             for name, table in sub.items():
                 if not isinstance(table, Mapping):
                     raise ConfigError(f"Config {where}: '{f.name}.{name}' must be a table.")
-                built[str(name)] = _build(item_cls, table, {}, prefix="", where=where + f" [{f.name}.{name}]")
+                built[str(name)] = _build(item_cls, table, {}, prefix="", where=where + f" [{f.name}.{name}]",
+                                          path=f"{path}{f.name}.{name}.")
             kwargs[f.name] = types.MappingProxyType(built)
         elif env_name in env:
             kwargs[f.name] = _cast(env_name, env[env_name], hint)
         elif f.name in data:
-            kwargs[f.name] = _cast(f.name, data[f.name], hint)
+            kwargs[f.name] = _cast(path + f.name, data[f.name], hint)
     return cls(**kwargs)
 
 
 def _is_named_tables(hint: Any) -> bool:
     args = typing.get_args(hint)
-    return typing.get_origin(hint) in (dict, Mapping, typing.Mapping) and len(args) == 2 and dataclasses.is_dataclass(args[1])
+    return (typing.get_origin(hint) in (dict, Mapping, typing.Mapping) and len(args) == 2
+            and dataclasses.is_dataclass(args[1]))
 
 
 def _cast(key: str, value: Any, hint: Any) -> Any:
@@ -519,6 +559,8 @@ def _cast(key: str, value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = args[0]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _cast_enum(key, value, hint)
     try:
         if hint is bool:
             if isinstance(value, bool):
@@ -548,6 +590,19 @@ def _cast(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"Config '{key}': unsupported type {hint!r}.")
 
 
+def _cast_enum(key: str, value: Any, hint: type[enum.Enum]) -> enum.Enum:
+    """A closed set's member from its value (``"dicomweb"``), also in another case (``"DICOMweb"``)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"Config '{key}' has value {value!r}. Not a valid {hint.__name__}.")
+    for text in (value.strip(), value.strip().lower()):
+        try:
+            return hint(text)
+        except ValueError:
+            pass
+    allowed = ", ".join(repr(m.value) for m in hint)
+    raise ConfigError(f"Config '{key}' has value {value!r}. Not one of {allowed}.")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The ``#:`` comments written above each field of a settings dataclass."""
     import inspect
@@ -570,7 +625,8 @@ def markdown_table() -> str:
     """The README's configuration table, generated from the dataclasses and their comments."""
     rows = ["| TOML key | Environment variable | Default | Meaning |", "|---|---|---|---|"]
     for key, env, default, doc in _iter_documented(Settings, ""):
-        shown = f"`{default!r}`" if default not in ("", ()) else "(empty)"
+        value = default.value if isinstance(default, enum.Enum) else default  # a closed set: its TOML spelling
+        shown = f"`{value!r}`" if value not in ("", ()) else "(empty)"
         rows.append(f"| `{key}` | `{env}` | {shown} | {doc} |")
     return "\n".join(rows)
 
@@ -581,7 +637,7 @@ def _iter_documented(cls: type, prefix: str) -> typing.Iterator[tuple[str, str, 
     default = cls()
     for f in dataclasses.fields(cls):
         hint, key = hints[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             yield from _iter_documented(hint, key + ".")
         elif _is_named_tables(hint):
             for sub_key, _env, sub_default, doc in _iter_documented(typing.get_args(hint)[1], key + ".NAME."):
@@ -597,7 +653,7 @@ def iter_fields(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             yield from iter_fields(hint, key + ".")
         elif _is_named_tables(hint):
             for sub_key, _env, sub_default in iter_fields(typing.get_args(hint)[1], key + ".NAME."):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
@@ -33,8 +34,8 @@ from dicom_io.store import (
     InstanceInfo,
     InstanceValidationError,
     PutResult,
-    Store,
     StagedInstance,
+    Store,
     StoreFullError,
     check_encoding,
     read_file_meta,
@@ -479,8 +480,10 @@ class DicomwebClient:
             return False
         parts = urllib.parse.urlsplit(url)
         proxies = urllib.request.getproxies_environment()
-        if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass_environment(
-                parts.hostname or "", proxies):
+        # proxy_bypass_environment: the stdlib's NO_PROXY matcher (what getproxies_environment pairs with),
+        # undocumented and so absent from typeshed
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        if (parts.scheme in proxies or "all" in proxies) and not bypass(parts.hostname or "", proxies):
             return False
         return True
 
@@ -711,7 +714,7 @@ class DicomwebClient:
                 return
             try:
                 self.retrieve_instance(study, series, sop, sink.submit, spool_dir=spool)
-            except StoreFull:
+            except StoreFullError:  # the sink stops the transfer; the pull reports it
                 pass
             except DicomwebError as exc:
                 sink.fail(sop, str(exc))
@@ -832,10 +835,6 @@ class DicomwebClient:
         return out
 
 
-class StoreFull(DicomwebError):
-    """The node's store ran out of space (or below its reserve) during a pull; the pull was stopped."""
-
-
 class _StoreSink:
     """Receives WADO-RS parts. Each is checked and written as a temp file (:meth:`Store.stage`, its write-back
     started at once so the disk works while the stream goes on) on the thread that received it; :meth:`commit`
@@ -869,12 +868,12 @@ class _StoreSink:
 
         Raises
         ------
-        StoreFull
-            When the store is full: the transfer stops.
+        StoreFullError
+            When the store is full (or below its reserve): the transfer stops.
         """
         try:
             if self.full is not None:
-                raise StoreFull(f"The node's store is full: {self.full.strerror or self.full}")
+                raise StoreFullError(errno.ENOSPC, f"The node's store is full: {self.full.strerror or self.full}")
             with self._lock:
                 self._n += 1
                 n = self._n
@@ -900,7 +899,7 @@ class _StoreSink:
             with self._lock:
                 self.full = self.full or exc
             self.fail(f"part {n}", f"store full: {exc.strerror or exc}")
-            raise StoreFull(f"The node's store is full: {exc.strerror or exc}") from exc
+            raise
         except OSError as exc:  # e.g. a part spilled to disk that cannot be read back, or a write error
             self.fail(f"part {n}", f"cannot write: {exc}")
             return

@@ -70,12 +70,14 @@ class Geometry:
     @property
     def affine_ras(self) -> np.ndarray:
         """The same mapping to RAS+ (NIfTI's patient space), still indexed (x, y, k)."""
-        return LPS_TO_RAS @ self.affine
+        out: np.ndarray = LPS_TO_RAS @ self.affine
+        return out
 
     def voxel_to_lps(self, xyk: np.ndarray | list[float]) -> np.ndarray:
         """Map voxel indices (..., 3) as (x, y, k) to LPS mm (..., 3)."""
         v = np.asarray(xyk, dtype=np.float64)
-        return v @ self.affine[:3, :3].T + self.affine[:3, 3]
+        out: np.ndarray = v @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return out
 
     def lps_to_voxel(self, lps: np.ndarray | list[float]) -> np.ndarray:
         """Map LPS mm (..., 3) to fractional voxel indices (x, y, k)."""

@@ -12,13 +12,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    JPEG2000,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     MRImageStorage,
     RLELossless,
-    UID,
     generate_uid,
 )
 
@@ -60,7 +60,8 @@ class Phantom:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
+    out: np.ndarray = v / np.linalg.norm(v)
+    return out
 
 
 def _content(
@@ -262,7 +263,8 @@ def write_phantom_series(
         raise ValueError(f"Phantom modality must be 'CT' or 'MR', not {modality!r}.")
     iop = np.asarray(orientation, dtype=np.float64)
     row_cos, col_cos = iop[:3], iop[3:]
-    if np.linalg.norm(row_cos) == 0 or np.linalg.norm(col_cos) == 0 or abs(np.dot(_unit(row_cos), _unit(col_cos))) > 1e-6:
+    if (np.linalg.norm(row_cos) == 0 or np.linalg.norm(col_cos) == 0
+            or abs(np.dot(_unit(row_cos), _unit(col_cos))) > 1e-6):
         raise ValueError(f"Orientation {list(iop)} is not two orthogonal non-zero vectors.")
     row_cos, col_cos = _unit(row_cos), _unit(col_cos)
     iop = np.concatenate([row_cos, col_cos])

@@ -276,7 +276,8 @@ class Search:
 
 def parse_search(level: Level, params: Iterable[tuple[str, str]], *, study_uid: str | None = None,
                  series_uid: str | None = None) -> Search:
-    """Parse QIDO-RS query parameters (PS3.18 8.3.4): matching keys, ``includefield``, ``limit``/``offset``, ``fuzzymatching``.
+    """Parse QIDO-RS query parameters (PS3.18 8.3.4): matching keys, ``includefield``, ``limit``/``offset``,
+    ``fuzzymatching``.
 
     Raises
     ------
@@ -462,8 +463,10 @@ def plan(search: Search) -> _Plan:
     if residual or header_tags or search.include_all:
         select += f", {_HEADER_PATH[level]} AS header_path"
     if first_series_attrs:
-        select += (f", (SELECT s2.attrs FROM series s2 WHERE s2.series_instance_uid = {_FIRST_SERIES}) AS first_series_attrs"
-                   f", (SELECT s3.modality FROM series s3 WHERE s3.series_instance_uid = {_FIRST_SERIES}) AS first_modality")
+        select += (f", (SELECT s2.attrs FROM series s2 WHERE s2.series_instance_uid = {_FIRST_SERIES})"
+                   " AS first_series_attrs"
+                   f", (SELECT s3.modality FROM series s3 WHERE s3.series_instance_uid = {_FIRST_SERIES})"
+                   " AS first_modality")
     tail = (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY {_ORDER[level]}"
     page: list[Any] = []
     if not residual and (search.limit is not None or search.offset):
@@ -480,7 +483,7 @@ def plan(search: Search) -> _Plan:
 
 
 def _returned_tags(level: Level) -> set[int]:
-    kws = STUDY_TAGS if level is Level.STUDY else STUDY_TAGS + SERIES_TAGS
+    kws: tuple[str, ...] = STUDY_TAGS if level is Level.STUDY else STUDY_TAGS + SERIES_TAGS
     if level is Level.INSTANCE:
         kws = kws + INSTANCE_TAGS
     return {int(tag_for_keyword(kw)) for kw in kws}  # type: ignore[arg-type]
@@ -577,8 +580,8 @@ def _row_fragments(level: Level, r: sqlite3.Row, read_header: Callable[[Path], D
             numbers = {kw: header.get(kw) for kw in numbers}
         except Exception as exc:  # a file gone or unreadable: answered without them
             logger.warning("QIDO-RS: header of %s unreadable (%s)", r["sop_instance_uid"], type(exc).__name__)
-    for (kw, value), (tag, vr) in zip(numbers.items(), (("00280010", "US"), ("00280011", "US"), ("00280100", "US"),
-                                                         ("00280008", "IS"))):
+    for value, (tag, vr) in zip(numbers.values(), (("00280010", "US"), ("00280011", "US"), ("00280100", "US"),
+                                                         ("00280008", "IS")), strict=True):
         if value is not None and value != "":
             out.append(_frag(tag, vr, [int(value)]))
     return out

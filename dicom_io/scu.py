@@ -6,7 +6,6 @@ import logging
 import os
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,9 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicom_io import pynetdicom_speedups as speedups
+from dicom_io.pynetdicom_speedups import Checkpoint, pause_reactor
 
 logger = logging.getLogger(__name__)
 
@@ -179,40 +181,10 @@ def _contexts(items: Sequence[_Item]) -> list[tuple[str, list[str]]]:
     return [(cls, list(ts)) for cls, ts in seen]
 
 
-_PATCHED = False
-
-
-def _patch_socket_leak() -> None:
-    """pynetdicom 3.0 leaks the socket when a connection is refused: ``_shutdown_socket`` calls
-    ``shutdown()`` (ENOTCONN on an unconnected socket) and skips ``close()`` in the same ``try``.
-    Close it regardless.
-    """
-    global _PATCHED
-    if _PATCHED:
-        return
-    from pynetdicom.transport import AssociationSocket
-
-    def _shutdown_socket(self: Any) -> None:
-        sock = self.socket
-        if sock is None:
-            return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except Exception:
-            pass
-        try:
-            sock.close()
-        except Exception:
-            pass
-
-    AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-assign]
-    _PATCHED = True
-
-
 def _associate(peer: Peer, contexts: Sequence[tuple[str, Sequence[str]]]) -> tuple[Any, str]:
     from pynetdicom import AE
 
-    _patch_socket_leak()
+    speedups.install_socket_close_fix()
     ae = AE(ae_title=peer.calling_ae_title)
     ae.acse_timeout = peer.timeout
     ae.dimse_timeout = peer.timeout
@@ -235,69 +207,29 @@ def _associate(peer: Peer, contexts: Sequence[tuple[str, Sequence[str]]]) -> tup
             return None, f"not sent: {peer} accepted no presentation context (SOP class {', '.join(rejected)})"
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         return None, f"association with {peer} {why}"
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
     try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
         pass
-    checkpoint = _Checkpoint()
+    checkpoint = Checkpoint()
     checkpoint.set()
     assoc._reactor_checkpoint = checkpoint  # the reactor reads the attribute on every loop
     return assoc, ""
 
 
-class _Checkpoint(threading.Event):
-    """pynetdicom's reactor checkpoint (an Event the reactor waits on), counting the reactor's waits.
-
-    pynetdicom pauses its reactor before a request by clearing the Event and spinning until the
-    reactor's ``_is_paused`` flag is True; that flag is set *before* the reactor waits and is still True
-    for a moment after a wait has returned, so a sender can trust a stale flag and the reactor then
-    takes the peer's response off the queue as unexpected (the sender waits out its timeout). Counting
-    waits under a lock closes that window: see :func:`_pause_reactor`.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = threading.Lock()
-        self.waits = 0
-
-    def wait(self, timeout: float | None = None) -> bool:
-        with self.gate:
-            self.waits += 1
-        return super().wait(timeout)
-
-
-def _pause_reactor(assoc: Any, timeout: float = 5.0) -> None:
-    """Return once the association's reactor is blocked on its checkpoint (it stays so until ``set()``).
-
-    The checkpoint is cleared and the reactor's wait counter read under the same lock, so a wait
-    counted after that started after the clear and blocks. A reactor that already passed its
-    wait before the clear only polls for an incoming message before it comes round to that wait,
-    and nothing has been sent yet that it could take.
-    """
-    checkpoint = assoc._reactor_checkpoint
-    deadline = time.monotonic() + timeout
-    if not isinstance(checkpoint, _Checkpoint):  # pynetdicom's own protocol
-        checkpoint.clear()
-        while not assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.0001)
-        return
-    with checkpoint.gate:
-        checkpoint.clear()
-        seen = checkpoint.waits
-    while checkpoint.waits == seen and assoc.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.0001)
-
-
 def echo(peer: Peer) -> EchoResult:
     """C-ECHO the peer; never raises for a network problem or refusal."""
-    from pynetdicom.sop_class import Verification
+    # sop_class creates its names at import from pynetdicom's UID tables, out of mypy's sight
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     t0 = time.perf_counter()
     assoc, error = _associate(peer, [(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
     if assoc is None:
         return EchoResult(None, error, time.perf_counter() - t0)
     try:
-        _pause_reactor(assoc)  # send_c_echo's own pause could trust a stale _is_paused
+        pause_reactor(assoc)  # send_c_echo's own pause could trust a stale _is_paused
         try:
             rsp = assoc.send_c_echo()
         finally:
@@ -364,7 +296,7 @@ def _send_batch(peer: Peer, batch: list[tuple[int, _Item]],
                 if it.path is not None:
                     rsp = _send_file(assoc, it, msg_id % 65536)
                 else:
-                    _pause_reactor(assoc)  # send_c_store's own pause could trust a stale _is_paused
+                    pause_reactor(assoc)  # send_c_store's own pause could trust a stale _is_paused
                     try:
                         rsp = assoc.send_c_store(it.dataset, msg_id=msg_id % 65536)
                     finally:
@@ -402,7 +334,7 @@ def _send_file(assoc: Any, it: _Item, msg_id: int) -> Dataset:
     req.AffectedSOPInstanceUID = it.sop_instance_uid
     req._dataset_path = (it.path, it.offset)
     # As Association.send_c_store does: pause the reactor, send, wait for the response.
-    _pause_reactor(assoc)
+    pause_reactor(assoc)
     try:
         assoc.dimse.send_msg(req, context.context_id)
         _cx, rsp = assoc.dimse.get_msg(block=True)
@@ -411,7 +343,8 @@ def _send_file(assoc: Any, it: _Item, msg_id: int) -> Dataset:
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
-    return assoc._check_received_status(rsp)
+    status: Dataset = assoc._check_received_status(rsp)
+    return status
 
 
 def _close(assoc: Any) -> None:
@@ -419,7 +352,7 @@ def _close(assoc: Any) -> None:
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     try:
         if assoc.is_established:
-            _pause_reactor(assoc)  # release() pauses the reactor the same way; it resumes it itself
+            pause_reactor(assoc)  # release() pauses the reactor the same way; it resumes it itself
             assoc.release()
     except Exception:
         assoc.abort()

@@ -309,7 +309,7 @@ def read_seg_mask(path: str | Path, series: Series, segment_number: int = 1,
             seg = hd.seg.segread(path)
         except (AttributeError, ValueError, TypeError) as exc:
             raise DicomInputError(f"{Path(path).name}: not a readable DICOM SEG ({exc}).") from exc
-    return _read_segments(seg, path, series, [segment_number])[0]
+    return np.asarray(_read_segments(seg, path, series, [segment_number])[0], dtype=bool)
 
 
 def _read_segments(seg: hd.seg.Segmentation, path: str | Path, series: Series, numbers: list[int]) -> np.ndarray:
@@ -326,7 +326,12 @@ def _read_segments(seg: hd.seg.Segmentation, path: str | Path, series: Series, n
                 combine_segments=False,
                 assert_missing_frames_are_empty=True,
             ).astype(bool)
-            arr = np.stack([frames[frame - 1] for _uid, frame in series.frame_refs])  # type: ignore[index,operator]
+            picked = []
+            for _uid, frame in series.frame_refs:
+                if frame is None:
+                    raise DicomInputError("Multi-frame source slice without a frame number.")
+                picked.append(frames[frame - 1])
+            arr = np.stack(picked)
         else:
             arr = seg.get_pixels_by_source_instance(
                 source_sop_instance_uids=[uid for uid, _ in series.frame_refs],

@@ -211,10 +211,10 @@ def _load(
         datasets.append(ds)
         names.append(path.name)
     series = _assemble(datasets, names, series_uid, spacing_tolerance, keep_pixel_data)
-    for ds in series.source_datasets:
+    for kept in series.source_datasets:
         # Read any element still deferred: the files (e.g. a temporary zip extraction) may be
         # removed once this call returns.
-        for _ in ds.iterall():
+        for _ in kept.iterall():
             pass
     return series
 
@@ -278,10 +278,12 @@ def _opt_float(value: Any) -> float | None:
 def _fg(ds: Dataset, item: Dataset | None, seq: str) -> Dataset | None:
     """Functional group macro item: per-frame first, then shared."""
     if item is not None and seq in item and len(item[seq].value):
-        return item[seq].value[0]
+        first: Dataset = item[seq].value[0]
+        return first
     shared = ds.get("SharedFunctionalGroupsSequence")
     if shared and seq in shared[0] and len(shared[0][seq].value):
-        return shared[0][seq].value[0]
+        common: Dataset = shared[0][seq].value[0]
+        return common
     return None
 
 

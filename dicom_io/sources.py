@@ -93,7 +93,7 @@ def _is_dicomdir(path: Path) -> bool:
         meta = pydicom.filereader.read_file_meta_info(path)
     except (InvalidDicomError, OSError, ValueError):
         return False
-    return meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage
+    return bool(meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage)
 
 
 def _scan_folder(folder: Path) -> Iterable[Path]:
@@ -238,7 +238,8 @@ def extract_zip(
             except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError,
                     RuntimeError, ValueError, zlib.error) as exc:
                 target.unlink(missing_ok=True)
-                raise UnsafeArchiveError(f"{archive.name}: member '{info.filename}' cannot be extracted ({exc}).") from exc
+                raise UnsafeArchiveError(
+                    f"{archive.name}: member '{info.filename}' cannot be extracted ({exc}).") from exc
             out.append(target)
     logger.debug("Extracted %d files (%d bytes) from %s", len(out), total, archive.name)
     return out
@@ -321,7 +322,8 @@ def collect_files(
             elif is_dicom_file(path):
                 found.append(path)
             else:
-                raise NotDicomError(f"{path.name}: not a DICOM file (no DICM preamble, unreadable as DICOM) nor a zip archive.")
+                raise NotDicomError(
+                    f"{path.name}: not a DICOM file (no DICM preamble, unreadable as DICOM) nor a zip archive.")
         else:
             raise DicomInputError(f"Input '{path}' does not exist.")
     unique = list(dict.fromkeys(p.resolve() for p in found))

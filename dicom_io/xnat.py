@@ -432,7 +432,8 @@ class XnatClient:
 
         ROI route: ``PUT /xapi/roi/projects/{p}/sessions/{E}/collections/{label}?type=SEG&overwrite=false``
         with the SEG as the body (creates an ``icr:roiCollectionData`` assessor). Import route:
-        ``POST /data/services/import?import-handler=DICOM-zip&inbody=true&dest=/archive/projects/{p}/subjects/{s}/experiments/{E}``
+        ``POST /data/services/import?import-handler=DICOM-zip&inbody=true&dest=D``,
+        ``D`` = ``/archive/projects/{p}/subjects/{s}/experiments/{E}``,
         with a zip holding the SEG (it becomes a scan of the session).
 
         Returns
@@ -460,7 +461,8 @@ class XnatClient:
                 label = label or "ainode_" + info.sop_instance_uid.replace(".", "_")[-40:]
                 _check_id("label", label)
                 rsp = self._request(
-                    "PUT", f"/xapi/roi/projects/{quote(project)}/sessions/{quote(session.id)}/collections/{quote(label)}",
+                    "PUT",
+                    f"/xapi/roi/projects/{quote(project)}/sessions/{quote(session.id)}/collections/{quote(label)}",
                     params={"type": "SEG", "overwrite": "false"}, content=Path(path).read_bytes(),
                     headers={"Content-Type": "application/octet-stream"})
                 if rsp.status_code == 404 and self.upload == "auto":

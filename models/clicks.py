@@ -77,7 +77,8 @@ def smooth(image: np.ndarray) -> np.ndarray:
     """Light Gaussian smoothing used before region growing."""
     from scipy import ndimage
 
-    return ndimage.gaussian_filter(image.astype(np.float32), SMOOTH_SIGMA)
+    out: np.ndarray = ndimage.gaussian_filter(image.astype(np.float32), SMOOTH_SIGMA)
+    return out
 
 
 def tolerances(image: np.ndarray) -> list[float]:

@@ -88,14 +88,16 @@ class BoxDecoder:
         with torch.inference_mode():
             pe = self.dense_pe()
             if name == "eager":
-                return fn(embedding, pe, boxes, multimask)
+                eager: tuple[Any, Any] = fn(embedding, pe, boxes, multimask)
+                return eager
             try:
                 if name == "compile":
                     # the compiled graphs were built for inference tensors: never recompile for another kind
                     embedding, boxes = _inference(embedding), _inference(boxes)
                     if boxes.shape[0] > 1:
                         torch._dynamo.mark_dynamic(boxes, 0)
-                return fn(embedding, pe, boxes, multimask)
+                out: tuple[Any, Any] = fn(embedding, pe, boxes, multimask)
+                return out
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failing backend falls back, logged once
@@ -215,7 +217,8 @@ class BoxDecoder:
         self.compile_seconds = time.perf_counter() - t0
         with self._lock:
             self._fn, self.backend, self.status = compiled, "compile", ""
-        logger.info("LiteMedSAM mask decoder compiled in %.1f s (max |diff| vs eager %.2g)", self.compile_seconds, worst)
+        logger.info("LiteMedSAM mask decoder compiled in %.1f s (max |diff| vs eager %.2g)",
+                    self.compile_seconds, worst)
 
     # ------------------------------------------------------------------ internals
 
@@ -232,19 +235,20 @@ class BoxDecoder:
             probes = [_probe(self._device, n) for n, _ in cases]
 
             def eager() -> list[Any]:
-                return [out for (_, multimask), (emb, boxes) in zip(cases, probes)
+                return [out for (_, multimask), (emb, boxes) in zip(cases, probes, strict=True)
                         for out in self._eager(emb, pe, boxes, multimask)]
 
             inputs = [pe, *(t for pair in probes for t in pair)]
             wants = reference("decoder-probe", inputs, eager) if reference is not None else eager()
-            for i, ((_, multimask), (emb, boxes)) in enumerate(zip(cases, probes)):
+            for i, ((_, multimask), (emb, boxes)) in enumerate(zip(cases, probes, strict=True)):
                 want = wants[2 * i: 2 * i + 2]
                 for fn in fns(multimask):
-                    for g, w in zip(fn(emb, pe, boxes, multimask), want):
+                    for g, w in zip(fn(emb, pe, boxes, multimask), want, strict=True):
                         worst = max(worst, float((g - w.to(g.device)).abs().max()))
         return worst
 
-    def _eager(self, embedding: torch.Tensor, pe: torch.Tensor, boxes: torch.Tensor, multimask: bool) -> tuple[Any, Any]:
+    def _eager(self, embedding: torch.Tensor, pe: torch.Tensor, boxes: torch.Tensor,
+               multimask: bool) -> tuple[Any, Any]:
         """SAM's ``MaskDecoder.forward`` for N boxes on one embedding, the image side shared by the N boxes.
 
         ``MaskDecoder.predict_masks`` copies the embedding and its positional encoding N times
@@ -297,6 +301,8 @@ def export_onnx(net: Any, pe: torch.Tensor, multimask: bool) -> bytes:
     import torch
 
     class Graph(torch.nn.Module):  # eval() before the export: the exporter restores the wrapper's mode
+        pe: torch.Tensor  # a registered buffer
+
         def __init__(self) -> None:
             super().__init__()
             self.net = net
@@ -311,7 +317,8 @@ def export_onnx(net: Any, pe: torch.Tensor, multimask: bool) -> bytes:
         # the TorchScript-based exporter warns about its deprecation and about Python scalars in the
         # trace (head sizes); the graph is checked against eager before it is used
         warnings.simplefilter("ignore")
-        torch.onnx.export(Graph().eval(), example, buf, dynamo=False, opset_version=17,
+        # the TorchScript exporter (dynamo=False) writes to a file object; torch annotates ``f`` with paths only
+        torch.onnx.export(Graph().eval(), example, buf, dynamo=False, opset_version=17,  # type: ignore[arg-type]
                           input_names=["embedding", "boxes"], output_names=["masks", "iou"],
                           dynamic_axes={"boxes": {0: "n"}, "masks": {0: "n"}, "iou": {0: "n"}})
     return buf.getvalue()

@@ -18,8 +18,9 @@ Backends (figures: docs/models.md, ``benchmarks/encoder``):
     compile takes about a minute on a 2-core CPU (a few seconds when the Inductor cache is warm),
     so it runs in a background thread, started by the first encode (or :meth:`Encoder.start`),
     while ``fused`` answers; the switch happens when the compiled encoder is ready and agrees with
-    ``fused`` on a probe input. The Inductor cache lives
-    in ``<cache_dir>/inductor`` (the node passes a folder under its data dir), so restarts are warm.
+    ``fused`` on a probe input. Inductor caches where ``TORCHINDUCTOR_CACHE_DIR`` points: ``ainode serve``
+    (:func:`node.service.serve`) sets it to ``<cache_dir>/inductor`` (a folder under its data dir), so
+    restarts are warm; other processes keep Inductor's default unless they set it.
     The same thread then runs what :meth:`Encoder.then` registered (LiteMedSAM: the mask decoder's
     compile, :mod:`models.decoders`). Calls always hand the compiled graph an inference tensor of one
     slice, so no request ever triggers a recompile.
@@ -48,6 +49,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,7 +191,8 @@ class Encoder:
             bf = copy.deepcopy(self._fused).to(dtype=torch.bfloat16)
 
             def run_bf16(x: torch.Tensor) -> torch.Tensor:
-                return bf(x.to(torch.bfloat16, memory_format=torch.channels_last)).float()
+                out: torch.Tensor = bf(x.to(torch.bfloat16, memory_format=torch.channels_last)).float()
+                return out
 
             self._set("bf16", run_bf16)
         elif backend == "onnx":
@@ -214,7 +217,8 @@ class Encoder:
             fn, name = self._fn, self.backend
         x = x.float().contiguous(memory_format=torch.channels_last)
         try:
-            return fn(x).float().contiguous()
+            out: torch.Tensor = fn(x).float().contiguous()
+            return out
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failing backend falls back, logged once
@@ -299,7 +303,8 @@ class Encoder:
                         self._fused(probe.contiguous(memory_format=torch.channels_last))])
                 diff = float((got.float() - want.to(got.device).float()).abs().max())
                 if not diff <= PROBE_TOLERANCE:
-                    raise RuntimeError(f"the ONNX Runtime encoder differs from float32 by {diff:.3g} on the probe input")
+                    raise RuntimeError(
+                        f"the ONNX Runtime encoder differs from float32 by {diff:.3g} on the probe input")
                 return run_onnx, diff
 
             run_onnx, diff = build_cached(self._cache_dir, {"encoder": lambda: export_onnx(self._fused)},
@@ -320,10 +325,9 @@ class Encoder:
 
     def _use_inductor_cache(self) -> None:
         if self._cache_dir is not None:
-            inductor_dir = self._cache_dir / "inductor"
-            inductor_dir.mkdir(parents=True, exist_ok=True)
-            # process-wide: Inductor reads it whenever it looks for cached kernels/graphs
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
+            # the folder `ainode serve` points Inductor at (TORCHINDUCTOR_CACHE_DIR, set by the entry point
+            # only: it is process-wide); an unusable cache folder stops the compile here, before it starts
+            (self._cache_dir / "inductor").mkdir(parents=True, exist_ok=True)
 
     def _run_then(self) -> None:
         for fn in self._then:
@@ -338,7 +342,7 @@ class Encoder:
         t0 = time.perf_counter()
         try:
             self._use_inductor_cache()
-            compiled = torch.compile(self._fused, dynamic=False)
+            compiled: Callable[[torch.Tensor], torch.Tensor] = torch.compile(self._fused, dynamic=False)
 
             def run_compiled(x: torch.Tensor) -> torch.Tensor:
                 # one static shape (a single slice) and always inference mode: callers with other
@@ -563,7 +567,8 @@ def export_onnx(fused: Any) -> bytes:
         # the TorchScript-based exporter warns that it is deprecated in favour of the dynamo one, which
         # needs onnxscript and is slower to export; the graph and the numbers are the same
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, 256, 256),), buf, dynamo=False, opset_version=17,
+        # the TorchScript exporter (dynamo=False) writes to a file object; torch annotates ``f`` with paths only
+        torch.onnx.export(model, (torch.zeros(1, 3, 256, 256),), buf, dynamo=False, opset_version=17,  # type: ignore[arg-type]
                           input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     return buf.getvalue()
 

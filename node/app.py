@@ -17,13 +17,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 from dicom_io.store import Store
 from node.dicomweb import DicomwebConfig, dicomweb_routes
 from node.errors import NodeError
 from node.prompt_page import prompt_page_routes
-from node.viewer import ohif_ai_routes, viewer_routes
 from node.scp import StoredInstance
+from node.viewer import ohif_ai_routes, viewer_routes
 
 # anyio imports its file I/O lazily, at the first FileResponse, on the server's thread while other threads
 # may be importing too. Importing it here, with the app, keeps imports off the request path. Under pytest
@@ -47,7 +47,7 @@ def create_app(
     store: Store,
     *,
     on_stored: Sequence[Callable[[StoredInstance], None]] = (),
-    routes: Sequence[Route | Mount] = (),
+    routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The node's Starlette application.
 
@@ -90,9 +90,7 @@ def create_app(
     try:
         parse_tokens(tokens)  # a malformed entry stops start-up (the middleware is built at the first request)
     except ValueError as exc:
-        from node.errors import ConfigurationError
-
-        raise ConfigurationError(str(exc)) from exc
+        raise ConfigError(str(exc)) from exc
     rules = route_roles(monailabel_root_path(settings.api.monailabel_root_path), reserved if site else None)
     middleware.append(Middleware(AuthMiddleware, tokens=tokens, rules=rules))
     middleware.append(Middleware(RequestGuardMiddleware, max_body_bytes=settings.api.max_upload_bytes))
@@ -101,7 +99,8 @@ def create_app(
         # served, precedes both (it leaves the node's own paths alone).
         routes=[*own[:2], *site, *own[2:]],
         middleware=middleware,
-        exception_handlers={NodeError: _node_error},
+        # ConfigError: settings the request needs are wrong (e.g. a destination), as for NodeError.
+        exception_handlers={NodeError: _node_error, ConfigError: _node_error},
     )
 
 
@@ -134,7 +133,7 @@ class HttpServer:
 
     Raises
     ------
-    node.errors.ConfigurationError
+    config.settings.ConfigError
         When a TLS file is missing or unreadable.
     """
 
@@ -146,13 +145,11 @@ class HttpServer:
 
         tls: dict[str, Any] = {}
         if tls_cert or tls_key or tls_ca:
-            from node.errors import ConfigurationError
-
             if not tls_cert:
-                raise ConfigurationError("http.tls_key/tls_ca are set but http.tls_cert is empty.")
+                raise ConfigError("http.tls_key/tls_ca are set but http.tls_cert is empty.")
             for name, value in (("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_ca", tls_ca)):
                 if value and not os.access(value, os.R_OK):
-                    raise ConfigurationError(f"http.{name} '{value}' is not a readable file.")
+                    raise ConfigError(f"http.{name} '{value}' is not a readable file.")
             tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key or None}
             if tls_ca:
                 tls.update(ssl_ca_certs=tls_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)

@@ -266,6 +266,7 @@ def deliver(name: str, settings: Settings, paths: Sequence[Path]) -> list[StoreR
 
 
 __all__ = [
-    "KINDS", "deliver", "Origin", "Origins", "destination", "open_dicomweb", "open_xnat", "pull_dicomweb", "pull_xnat", "pull_xnat_by_uid",
+    "KINDS", "deliver", "Origin", "Origins", "destination", "open_dicomweb", "open_xnat", "pull_dicomweb", "pull_xnat",
+    "pull_xnat_by_uid",
     "result_destinations", "send_to_destination",
 ]

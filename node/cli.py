@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from config.logging import configure_logging
 from config.settings import ConfigError, Settings, iter_fields
@@ -163,7 +163,8 @@ class _Progress:
     """A tqdm bar driven by ``progress(done, total)`` callbacks."""
 
     def __init__(self, desc: str, enabled: bool) -> None:
-        self.desc, self.enabled, self.bar = desc, enabled, None
+        self.desc, self.enabled = desc, enabled
+        self.bar: Any = None  # a tqdm bar, made at the first callback
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:

@@ -79,7 +79,8 @@ class _HeaderCache:
 
 
 
-def _render_params(request: Request, viewport: tuple[int, int] | None) -> tuple[str, tuple[int, int] | None, int] | Response:
+def _render_params(request: Request,
+                   viewport: tuple[int, int] | None) -> tuple[str, tuple[int, int] | None, int] | Response:
     """(media type, viewport, frame number) of a rendered/thumbnail request, or its 400 answer."""
     accept = request.headers.get("accept", "")
     media = "image/png" if "image/png" in accept and "image/jpeg" not in accept else "image/jpeg"
@@ -532,7 +533,7 @@ def _render(path: Path, frame: int, media: str, viewport: tuple[int, int] | None
     """One frame windowed to 8 bits (VOI LUT / window from the header, else min–max) as JPEG or PNG."""
     import numpy as np
     from PIL import Image
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
     ds = dcmread(path)
     arr = ds.pixel_array

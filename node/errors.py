@@ -1,27 +1,27 @@
-"""Exceptions of the running node (a small hierarchy under :class:`NodeError`)."""
+"""Exceptions of the running node (a small hierarchy under :class:`NodeError`).
+
+The node's other error types live where the layer below defines them, one class each:
+``config.settings.ConfigError`` (settings the node cannot run with), ``models.base.ModelError`` (a model
+failed), ``dicom_io.errors.DicomInputError`` (bad DICOM input) and ``dicom_io.store.StoreFullError`` (the
+store is below its free-space reserve). The HTTP answer of each is set in one place per application:
+``node.app.create_app`` and ``node.api.api_routes`` (``exception_handlers``).
+"""
 
 from __future__ import annotations
+
+from config.settings import ConfigError
 
 
 class NodeError(Exception):
     """Base class of the node's own errors."""
 
 
-class InvalidInstanceError(NodeError):
-    """A received or given instance cannot be stored (undecodable, missing or invalid UIDs)."""
-
-
-class PeerUnavailableError(NodeError):
-    """A DICOM peer could not be reached or refused the association."""
-
-
-class ModelError(NodeError):
-    """A model failed to produce a result."""
-
-
-class ConfigurationError(NodeError):
-    """The node cannot start with the given settings (e.g. TLS files missing, unknown destination)."""
-
-
 class StoreBusyError(NodeError):
     """Another ``ainode serve`` already owns the store directory."""
+
+
+#: The name node.archives, node.outbox and node.api.core still import while issue #19's concurrent
+#: branches (Destination interface, result writer) land; the same class as :class:`ConfigError`.
+ConfigurationError = ConfigError
+
+__all__ = ["ConfigError", "ConfigurationError", "NodeError", "StoreBusyError"]

@@ -102,7 +102,8 @@ class SeriesWatcher:
                 logger.exception("Series watcher pass failed")
 
 
-def routing_callback(settings: Settings, store: Store, enqueue: Callable[[str, str, list[str]], object]) -> SeriesCallback:
+def routing_callback(settings: Settings, store: Store,
+                     enqueue: Callable[[str, str, list[str]], object]) -> SeriesCallback:
     """A callback applying ``settings.routes``: matching stable series are queued for their destinations.
 
     Parameters

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import queue
@@ -16,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from config.settings import Settings
-from models.base import ModelError as SegmenterModelError
-from models.base import Segmenter
+from models.base import ModelError, Segmenter
 from node.errors import NodeError
 
 logger = logging.getLogger(__name__)
@@ -35,19 +33,10 @@ INTERACTIVE, BATCH, BACKGROUND = 0, 1, 2
 _KEEP_FINISHED = 256
 
 
-def _freeze_long_lived() -> None:
-    """Leave everything alive now (torch, the model, the node's modules) out of later garbage collections.
-
-    With a model loaded the process tracks about 400 000 objects, and a full collection walks all of them
-    while holding the GIL: about 0.2 s on this machine's CPU, a pause for every request and association
-    running at that moment. Objects still reachable after the collection here are frozen (gc.freeze):
-    later collections skip them, and they are still freed when their last reference goes.
-    """
-    t0 = time.perf_counter()
-    gc.collect()
-    gc.freeze()
-    logger.info("%d long-lived objects left out of garbage collection (%.2f s)", gc.get_freeze_count(),
-                time.perf_counter() - t0)
+#: Called on a model's worker thread once the model has loaded. The service entry point
+#: (:func:`node.service.serve`) sets it to leave the long-lived objects out of garbage collection;
+#: library users (tests, the CLI's one-shot commands) leave it None.
+after_model_load: Callable[[], None] | None = None
 
 
 class QueueFullError(NodeError):
@@ -307,7 +296,8 @@ class InferenceQueue:
 
     def warm_up(self) -> Future[None]:
         """Load the model on the worker thread now (instead of at the first request) and start its
-        background work (LiteMedSAM: the encoder/decoder compile under ``ainode serve`` with ``encoder_backend = "compile"``)."""
+        background work (LiteMedSAM: the encoder/decoder compile under ``ainode serve`` with
+        ``encoder_backend = "compile"``)."""
 
         def warm(seg: Segmenter, ctx: JobContext) -> None:
             start = getattr(seg, "warm_up", None)
@@ -340,7 +330,7 @@ class InferenceQueue:
             "loaded": seg is not None,
             "device": getattr(seg, "device", None),
             "version": getattr(seg, "version", None),
-            "backends": seg.backends() if callable(getattr(seg, "backends", None)) else None,
+            "backends": backends() if callable(backends := getattr(seg, "backends", None)) else None,
             "load_error": self._load_error or None,
             "available": not self._load_error,
             "queued": self._foreground,
@@ -372,10 +362,11 @@ class InferenceQueue:
                 try:
                     self._segmenter = self._loader()
                     self._load_error = ""
-                except (SegmenterModelError, OSError, RuntimeError, ValueError) as exc:
+                except (ModelError, OSError, RuntimeError, ValueError) as exc:
                     self._load_error = str(exc)
                     raise ModelUnavailableError(f"Model '{self.model}' cannot be loaded: {exc}") from exc
-                _freeze_long_lived()
+                if after_model_load is not None:
+                    after_model_load()
             return self._segmenter
 
     def _run(self) -> None:
@@ -655,6 +646,7 @@ class Preencoder:
 
 
 __all__ = [
-    "BACKGROUND", "BATCH", "CANCELLED", "DONE", "FAILED", "INTERACTIVE", "QUEUED", "RUNNING", "InferencePool", "InferenceQueue", "Job", "JobCancelledError",
+    "BACKGROUND", "BATCH", "CANCELLED", "DONE", "FAILED", "INTERACTIVE", "QUEUED", "RUNNING", "InferencePool",
+    "InferenceQueue", "Job", "JobCancelledError",
     "JobContext", "ModelOutOfMemoryError", "Preencoder", "ModelUnavailableError", "QueueFullError", "UnknownModelError",
 ]

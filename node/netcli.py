@@ -125,6 +125,7 @@ def resolve_series_args(items: Sequence[str], settings: Settings) -> list[Path]:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
 
+    from config.settings import ConfigError
     from node.errors import NodeError
     from node.service import serve
 
@@ -134,7 +135,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         settings = dataclasses.replace(settings, dimse=dataclasses.replace(settings.dimse, **overrides))
     try:
         return serve(settings)
-    except (NodeError, OSError) as exc:
+    except (NodeError, ConfigError, OSError) as exc:
         logger.error("Cannot serve: %s", exc)
         return EXIT_FAILURE
 
@@ -245,15 +246,15 @@ def deliver_files(paths: Sequence[Path], destinations: Sequence[str], settings: 
     ``binary`` maps a Label Map SEG among ``paths`` to its BINARY copy (see :func:`node.results.queue_result`).
     Whatever is not delivered stays queued; ``ainode serve`` retries it with backoff.
     """
+    from config.settings import ConfigError
     from node import status
-    from node.errors import ConfigurationError
     from node.outbox import DELIVERED, queue_destinations
     from node.results import queue_result
     from node.service import open_outbox, open_store
 
     try:
         dests = queue_destinations(destinations, settings)
-    except ConfigurationError as exc:
+    except ConfigError as exc:
         print(f"ainode: {exc}", file=sys.stderr)
         return EXIT_USAGE
     store = open_store(settings, recover=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from config.settings import Settings
 from dicom_io.scu import Peer, StoreResult
-from dicom_io.store import KIND_RESULT, InstanceInfo, InstanceValidationError, Store
+from dicom_io.store import KIND_RESULT, InstanceValidationError, Store
 from node import status
 from node.destinations import Destination, DimseDestination, lookup, open_destination, validate_names
 from node.errors import ConfigurationError
@@ -223,15 +223,11 @@ class Outbox:
             row = self._db.execute("SELECT 1 FROM labelmap_refusals WHERE destination=?", (destination,)).fetchone()
         return row is not None
 
-    def enqueue_file(self, path: str | os.PathLike[str], destinations: Iterable[str]) -> list[int]:
-        """Queue a DICOM file (its SOP Instance UID is read from the header)."""
-        info = InstanceInfo.from_file(path)
-        return self.enqueue(info.sop_instance_uid, path, destinations)
-
     # --- inspection ---------------------------------------------------------------------------
 
     def entries(self, state: str | None = None) -> list[OutboxEntry]:
-        sql, args = "SELECT * FROM outbox", ()
+        sql = "SELECT * FROM outbox"
+        args: tuple[str, ...] = ()
         if state is not None:
             sql, args = sql + " WHERE state=?", (state,)
         with self._lock:
@@ -323,7 +319,8 @@ class Outbox:
         fell_back: list[OutboxEntry] = []
 
         def outcome(e: OutboxEntry, res: StoreResult) -> None:
-            if e.fallback and (res.status in _LABELMAP_REFUSALS or (res.status is None and res.error.startswith("not sent"))):
+            refused = res.status in _LABELMAP_REFUSALS or (res.status is None and res.error.startswith("not sent"))
+            if e.fallback and refused:
                 fell_back.append(self._fall_back(e, res))
             else:
                 counts[self._record(e, res.status, res.error)] += 1
@@ -342,15 +339,15 @@ class Outbox:
         except Exception as exc:  # a peer or network outcome: retry later
             logger.warning("Delivery to %s failed: %s", dest, exc)
             results = [StoreResult(str(p), e.sop_instance_uid, "", None, f"{type(exc).__name__}: {exc}")
-                       for p, e in zip(paths, present)]
+                       for p, e in zip(paths, present, strict=False)]
         if target.kind == "dimse":
             # send_instances reports every instance; those answered through ``committed`` are recorded.
             results = [r for i, r in enumerate(results) if i not in recorded]
             present = [e for i, e in enumerate(present) if i not in recorded]
         elif len(results) != len(present):
             results = [StoreResult(str(p), e.sop_instance_uid, "", None, "no result from the archive")
-                       for p, e in zip(paths, present)]
-        for e, res in zip(present, results):
+                       for p, e in zip(paths, present, strict=False)]
+        for e, res in zip(present, results, strict=False):
             outcome(e, res)
         if fell_back:  # once: the BINARY SEG rows have no fallback of their own
             for state, n in self._deliver(dest, fell_back).items():

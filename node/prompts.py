@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
 from dicom_io.geometry import Geometry
-from models.base import BoxPrompt, PointPrompt, PromptError, Prompts
+from models.base import BoxPrompt, PointPrompt, PromptError
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
 _POINT_RE = re.compile(rf"^\s*({_NUM})\s*,\s*({_NUM})\s*@\s*(\d+)\s*$")
@@ -92,10 +90,3 @@ def parse_box_mm(text: str, geometry: Geometry, positive: bool = True) -> BoxPro
     if ka != kb:
         raise PromptError(f"Box '{text}': the corners lie on different slices ({ka} and {kb}).")
     return BoxPrompt(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb), ka, positive)
-
-
-def points_to_lps(prompts: Prompts, geometry: Geometry) -> np.ndarray:
-    """Patient positions (N, 3) of every point prompt, for reports."""
-    if not prompts.points:
-        return np.zeros((0, 3))
-    return geometry.voxel_to_lps([[p.x, p.y, p.k] for p in prompts.points])

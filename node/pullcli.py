@@ -39,13 +39,13 @@ def add_parsers(sub: argparse._SubParsersAction, add_common: Callable[[argparse.
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``ainode pull``; returns the exit code (0 when the series is complete in the store)."""
+    from config.settings import ConfigError
     from node.archives import Origins, destination, pull_dicomweb, pull_xnat, pull_xnat_by_uid
-    from node.errors import ConfigurationError
     from node.service import open_store
 
     try:
         dest = destination(args.archive, settings)
-    except ConfigurationError as exc:
+    except ConfigError as exc:
         print(f"ainode pull: {exc}", file=sys.stderr)
         return EXIT_USAGE
     bar = _Bar(enabled=not args.no_progress and sys.stderr.isatty())
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"ainode pull: destination '{args.archive}' is a DIMSE peer; pulling needs dicomweb or xnat.",
                   file=sys.stderr)
             return EXIT_USAGE
-    except ConfigurationError as exc:
+    except ConfigError as exc:
         print(f"ainode pull: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:

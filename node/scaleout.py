@@ -131,7 +131,7 @@ def _pack_result(result: SegmentationResult, meta: dict[str, Any]) -> bytes:
         hi = [int(n[-1]) + 1 for n in nz]
     else:
         lo = hi = [0] * mask.ndim
-    crop = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    crop = mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=False))]
     meta = {**meta, "shape": list(mask.shape), "dtype": str(mask.dtype), "lo": lo,
             "slice_scores": {str(k): float(v) for k, v in result.slice_scores.items()},
             "timings": {k: float(v) for k, v in result.timings.items()},
@@ -144,7 +144,7 @@ def _unpack_result(body: bytes) -> tuple[SegmentationResult, dict[str, Any]]:
     meta = json.loads(parts["meta"].tobytes())
     mask = np.zeros(tuple(meta["shape"]), dtype=np.dtype(meta["dtype"]))
     crop = parts["crop"]
-    mask[tuple(slice(a, a + n) for a, n in zip(meta["lo"], crop.shape))] = crop
+    mask[tuple(slice(a, a + n) for a, n in zip(meta["lo"], crop.shape, strict=False))] = crop
     result = SegmentationResult(mask, {int(k): float(v) for k, v in meta["slice_scores"].items()},
                                 dict(meta["timings"]), {k: int(v) for k, v in meta["stats"].items()})
     return result, meta
@@ -502,7 +502,8 @@ class SeriesReplica:
         import pydicom
 
         from dicom_io.dicomweb import DicomwebError
-        from dicom_io.series import DicomInputError, Series
+        from dicom_io.errors import DicomInputError
+        from dicom_io.series import Series
         from node.pipeline import image_volume
 
         datasets: list[Any] = []

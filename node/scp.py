@@ -4,39 +4,31 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import queue
-import select
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
-from io import BytesIO
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, cast
 
-import pynetdicom
 from pynetdicom import (
-    ALL_TRANSFER_SYNTAXES,
     AE,
+    ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     _config,
     evt,
 )
-from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.ae import ApplicationEntity
-from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+# sop_class creates its names at import from pynetdicom's UID tables, out of mypy's sight
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings
+from dicom_io import pynetdicom_speedups as speedups
 from dicom_io.store import (
     InstanceInfo,
     InstanceValidationError,
@@ -47,7 +39,6 @@ from dicom_io.store import (
     is_valid_uid,
 )
 from node import status
-from node.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +67,7 @@ class CallerPolicy:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When an entry is empty or its host cannot be resolved.
     """
 
@@ -86,7 +77,7 @@ class CallerPolicy:
             ae, sep, host = entry.strip().partition("@")
             ae = ae.strip()
             if not ae:
-                raise ConfigurationError(f"Allowed caller '{entry}' has no AE title; use 'AE' or 'AE@host'.")
+                raise ConfigError(f"Allowed caller '{entry}' has no AE title; use 'AE' or 'AE@host'.")
             self.rules.append((ae, _resolve(host.strip(), entry) if sep else None))
 
     def __bool__(self) -> bool:
@@ -113,7 +104,7 @@ def _normalise_ip(address: str) -> str:
 
 def _resolve(host: str, entry: str) -> frozenset[str]:
     if not host:
-        raise ConfigurationError(f"Allowed caller '{entry}' has an empty host.")
+        raise ConfigError(f"Allowed caller '{entry}' has an empty host.")
     try:
         return frozenset({str(ipaddress.ip_address(host))})
     except ValueError:
@@ -121,7 +112,7 @@ def _resolve(host: str, entry: str) -> frozenset[str]:
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError as exc:
-        raise ConfigurationError(f"Allowed caller '{entry}': host '{host}' cannot be resolved ({exc}).") from exc
+        raise ConfigError(f"Allowed caller '{entry}': host '{host}' cannot be resolved ({exc}).") from exc
     return frozenset(_normalise_ip(str(info[4][0])) for info in infos)
 
 
@@ -163,8 +154,8 @@ def handle_store(
     """
     assoc = event.assoc
     calling = str(assoc.requestor.ae_title or "")
-    request = event.request
-    stream = request.DataSet
+    request = cast(C_STORE, event.request)  # an EVT_C_STORE event carries a C-STORE-RQ
+    stream = cast(BytesIO, request.DataSet)  # the whole data set, in memory (not STORE_RECV_CHUNKED_DATASET)
     ts = str(event.context.transfer_syntax)
     cmd_class = str(request.AffectedSOPClassUID or "")
     cmd_instance = str(request.AffectedSOPInstanceUID or "")
@@ -233,334 +224,6 @@ def _quarantine(store: Store, chunks: list[Any], reason: str, sop_uid: str, call
         logger.error("Cannot quarantine refused instance: %s", exc)
 
 
-# --- event-driven acceptor (pynetdicom 3.0) ------------------------------------------------------
-#
-# pynetdicom's DUL and association reactors poll: each sleeps 1 ms between looks at the socket and at
-# the DIMSE queue, which costs ~3 ms per C-STORE (three hand-offs). These subclasses wait on the
-# socket / a wake-up pipe / the DIMSE queue instead, so a hand-off is immediate. The loops are
-# pynetdicom 3.0.4's own, with only the waits changed; other pynetdicom versions use the stock classes.
-
-_FAST_OK = pynetdicom.__version__.startswith("3.0.")
-#: Longest wait of an idle reactor before it re-checks its timers and kill flag (seconds).
-_IDLE_WAIT = 0.01
-
-
-class _FastDUL(DULServiceProvider):
-    def __init__(self, assoc: Any) -> None:
-        super().__init__(assoc)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-
-    def send_pdu(self, primitive: Any) -> None:
-        super().send_pdu(primitive)
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
-
-    def _wait(self, timeout: float) -> None:
-        fds: list[Any] = [self._wake_r]
-        sock = getattr(self.socket, "socket", None)
-        if sock is not None:
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return
-            try:
-                if sock.fileno() >= 0:
-                    fds.append(sock)
-            except OSError:
-                pass
-        try:
-            ready, _, _ = select.select(fds, [], [], timeout)
-        except (OSError, ValueError):
-            time.sleep(0.001)
-            return
-        if self._wake_r in ready:
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except OSError:
-                pass
-
-    def run_reactor(self) -> None:  # pynetdicom 3.0.4 DULServiceProvider.run_reactor, waits changed
-        self._idle_timer.start()
-        sleep = False
-        try:
-            while True:
-                if not self.assoc._dul_ready.is_set():
-                    self.assoc._dul_ready.set()
-                    sleep = True
-                if sleep:
-                    self._wait(_IDLE_WAIT)
-                if self._kill_thread:
-                    break
-                if self.artim_timer.expired:
-                    self.event_queue.put("Evt18")
-                try:
-                    if self._process_recv_primitive():
-                        pass
-                    elif self._is_transport_event():
-                        self._idle_timer.restart()
-                except Exception as exc:
-                    logger.error("DUL error, aborting association: %s", exc)
-                    abort_pdu = A_ABORT_RQ()
-                    abort_pdu.source = 0x02
-                    abort_pdu.reason_diagnostic = 0x00
-                    try:
-                        self.socket.send(abort_pdu.encode())
-                    except Exception:
-                        pass
-                    self.assoc.is_aborted = True
-                    self.assoc.is_established = False
-                    self.assoc._kill = True
-                    self._kill_thread = True
-                    return
-                try:
-                    event = self.event_queue.get(block=False)
-                except queue.Empty:
-                    sleep = True
-                    continue
-                self.state_machine.do_action(event)
-                sleep = False
-        finally:
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-
-
-def _ui(tag_elem: int, value: str) -> bytes:
-    raw = value.encode("ascii")
-    if len(raw) % 2:
-        raw += b"\x00"
-    return b"\x00\x00" + tag_elem.to_bytes(2, "little") + len(raw).to_bytes(4, "little") + raw
-
-
-def _us(tag_elem: int, value: int) -> bytes:
-    return b"\x00\x00" + tag_elem.to_bytes(2, "little") + b"\x02\x00\x00\x00" + value.to_bytes(2, "little")
-
-
-class _FastDIMSE(DIMSEServiceProvider):
-    """C-STORE messages without pydicom data sets for the command (each costs ~0.3 ms otherwise).
-
-    Incoming C-STORE-RQs are assembled and their command set parsed directly; outgoing status-only
-    C-STORE-RSPs are encoded directly. Every other message, and anything unexpected, goes through
-    pynetdicom's own code.
-    """
-
-    def __init__(self, assoc: Any) -> None:
-        super().__init__(assoc)
-        self._cmd = bytearray()
-        self._rq: C_STORE | None = None
-        self._data: BytesIO | None = None
-        self._delegating = False
-
-    def receive_primitive(self, primitive: Any) -> None:
-        if _config.STORE_RECV_CHUNKED_DATASET or not isinstance(primitive, P_DATA):
-            super().receive_primitive(primitive)
-            return
-        for context_id, data in primitive.presentation_data_value_list:
-            if self._delegating:
-                self._delegate(context_id, data)
-                continue
-            header, payload = data[0], data[1:]
-            if header & 1:  # command fragment
-                self._cmd += payload
-                if header & 2:
-                    rq = _decode_store_rq(bytes(self._cmd))
-                    if rq is None:  # not a C-STORE-RQ with a data set: pynetdicom takes over
-                        command, self._cmd = bytes(self._cmd), bytearray()
-                        self._delegating = True
-                        self._delegate(context_id, b"\x03" + command)
-                        continue
-                    self._cmd = bytearray()
-                    self._rq, self._data = rq, BytesIO()
-            elif self._rq is not None and self._data is not None:  # data set fragment
-                self._data.write(payload)
-                if header & 2:
-                    self._rq.DataSet = self._data
-                    self.msg_queue.put((context_id, self._rq))
-                    self._rq, self._data = None, None
-            else:  # a data set fragment without a command: let pynetdicom handle the error
-                self._delegating = True
-                self._delegate(context_id, data)
-
-    def _delegate(self, context_id: int, data: bytes) -> None:
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, data))
-        super().receive_primitive(pdata)
-        if self.message is None:  # pynetdicom finished that message
-            self._delegating = False
-
-    def send_msg(self, primitive: Any, context_id: int) -> None:
-        command = _encode_store_rsp(primitive)
-        max_pdu = self.maximum_pdu_size
-        if command is not None and (not max_pdu or len(command) + 1 <= max_pdu - 6):
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-            self.dul.send_pdu(pdata)
-            return
-        super().send_msg(primitive, context_id)
-
-
-def _decode_store_rq(command: bytes) -> C_STORE | None:
-    """A C-STORE-RQ primitive (without its data set) from an Implicit VR LE command set, or None when
-    the command is something else or anything about it is unexpected.
-    """
-    fields: dict[int, bytes] = {}
-    pos, end = 0, len(command)
-    while pos + 8 <= end:
-        group = int.from_bytes(command[pos:pos + 2], "little")
-        elem = int.from_bytes(command[pos + 2:pos + 4], "little")
-        length = int.from_bytes(command[pos + 4:pos + 8], "little")
-        if group != 0 or pos + 8 + length > end:
-            return None
-        fields[elem] = command[pos + 8:pos + 8 + length]
-        pos += 8 + length
-    if pos != end:
-        return None
-
-    def us(elem: int) -> int | None:
-        raw = fields.get(elem)
-        return int.from_bytes(raw, "little") if raw is not None and len(raw) == 2 else None
-
-    def text(elem: int) -> str | None:
-        raw = fields.get(elem)
-        return raw.decode("ascii").rstrip("\x00 ") if raw is not None else None
-
-    if us(0x0100) != 0x0001 or us(0x0800) in (None, 0x0101):  # C-STORE-RQ carrying a data set
-        return None
-    try:
-        rq = C_STORE()
-        rq.MessageID = us(0x0110)
-        rq.AffectedSOPClassUID = text(0x0002)
-        rq.AffectedSOPInstanceUID = text(0x1000)
-        rq.Priority = us(0x0700) if us(0x0700) is not None else 2
-        if 0x1030 in fields:
-            rq.MoveOriginatorApplicationEntityTitle = text(0x1030)
-        if 0x1031 in fields:
-            rq.MoveOriginatorMessageID = us(0x1031)
-    except (ValueError, TypeError, UnicodeDecodeError):
-        return None
-    if rq.MessageID is None or not rq.AffectedSOPClassUID or not rq.AffectedSOPInstanceUID:
-        return None
-    return rq
-
-
-def _encode_store_rsp(primitive: Any) -> bytes | None:
-    """The Implicit VR LE command set of a status-only C-STORE-RSP (PS3.7 9.3.1.2), or None."""
-    if not (
-        isinstance(primitive, C_STORE)
-        and primitive.MessageIDBeingRespondedTo is not None
-        and primitive.Status is not None
-        and primitive.ErrorComment is None
-        and primitive.OffendingElement is None
-    ):
-        return None
-    body = b"".join((
-        _ui(0x0002, str(primitive.AffectedSOPClassUID)) if primitive.AffectedSOPClassUID else b"",
-        _us(0x0100, 0x8001),  # Command Field: C-STORE-RSP
-        _us(0x0120, int(primitive.MessageIDBeingRespondedTo)),
-        _us(0x0800, 0x0101),  # Command Data Set Type: no data set
-        _us(0x0900, int(primitive.Status)),
-        _ui(0x1000, str(primitive.AffectedSOPInstanceUID)) if primitive.AffectedSOPInstanceUID else b"",
-    ))
-    return b"\x00\x00\x00\x00\x04\x00\x00\x00" + len(body).to_bytes(4, "little") + body
-
-
-class _FastAssociation(Association):
-    def __init__(self, ae: Any, mode: str) -> None:
-        super().__init__(ae, mode)
-        self.dul = _FastDUL(self)
-        self.dimse = _FastDIMSE(self)
-
-    def _run_reactor(self) -> None:  # pynetdicom 3.0.4 Association._run_reactor, waits changed
-        self._is_paused = False
-        while not self._kill:
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
-            try:
-                context_id, msg = self.dimse.msg_queue.get(block=True, timeout=_IDLE_WAIT)
-            except queue.Empty:
-                context_id, msg = None, None
-            if msg:
-                self._serve_request(msg, cast(int, context_id))
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-            if not self.dul.is_alive():
-                self.kill()
-                return
-            if self.dul.idle_timer_expired():
-                logger.warning("Network timeout reached; aborting association")
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-                self.kill()
-                return
-
-
-class _FastSocket(AssociationSocket):
-    def recv(self, nr_bytes: int) -> bytearray:
-        """Read exactly ``nr_bytes`` (fewer only when the peer closes) into one buffer, in large reads."""
-        sock = cast(socket.socket, self.socket)
-        out = bytearray(nr_bytes)
-        view = memoryview(out)
-        got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if not n:
-                del view
-                del out[got:]
-                return out
-            got += n
-        return out
-
-
-class _FastRequestHandler(RequestHandler):
-    def _create_association(self) -> Any:  # pynetdicom 3.0.4 RequestHandler._create_association
-        from datetime import datetime
-
-        assoc = _FastAssociation(self.ae, MODE_ACCEPTOR)
-        assoc._server = self.server
-        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        sock = _FastSocket(assoc, client_socket=self.request)
-        assoc.set_socket(sock)
-        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
-        assoc.acceptor.ae_title = self.server.ae_title
-        assoc.acceptor.address_info = self.local
-        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
-        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        # Negotiation only reads the supported contexts (pynetdicom 3.0 presentation.negotiate_as_acceptor),
-        # so share them instead of deep-copying ~6000 transfer syntax entries per association.
-        assoc.acceptor.supported_contexts = list(self.server.contexts)
-        assoc.requestor.address_info = self.remote
-        for event in self.server._handlers:
-            if event.is_intervention and self.server._handlers[event]:
-                assoc.bind(event, *self.server._handlers[event])
-            elif isinstance(event, evt.NotificationEvent):
-                for handler in self.server._handlers[event]:
-                    assoc.bind(event, handler[0], handler[1])
-        return assoc
-
-
 # --- server -------------------------------------------------------------------------------------
 
 
@@ -600,7 +263,7 @@ def ssl_server_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When a file cannot be loaded.
     """
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -611,7 +274,8 @@ def ssl_server_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
             ctx.load_verify_locations(cafile=ca)
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(f"DICOM TLS files cannot be loaded (cert '{cert}', key '{key}', ca '{ca}'): {exc}") from exc
+        raise ConfigError(
+            f"DICOM TLS files cannot be loaded (cert '{cert}', key '{key}', ca '{ca}'): {exc}") from exc
     return ctx
 
 
@@ -627,7 +291,8 @@ def make_ae(settings: Settings) -> ApplicationEntity:
     ae.require_called_aet = d.require_called_ae_title
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if cx.abstract_syntax is not None:  # always set in pynetdicom's tables; None only in its type
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -670,7 +335,7 @@ class DimseServer:
 
         Raises
         ------
-        ConfigurationError
+        ConfigError
             When TLS is required but no certificate is configured, or TLS files cannot be loaded.
         OSError
             When a port cannot be bound.
@@ -678,13 +343,14 @@ class DimseServer:
         d = self.settings.dimse
         # pynetdicom logs whole identifier data sets at some levels: never do that here.
         _config.LOG_REQUEST_IDENTIFIERS = False
+        speedups.log_inactive()
         _config.LOG_RESPONSE_IDENTIFIERS = False
         # No per-PDU/per-message logging handlers: they cost time on every C-STORE and can dump data sets.
         _config.LOG_HANDLER_LEVEL = "none"
         _config.UNRESTRICTED_STORAGE_SERVICE = d.accept_unknown_sop_classes
         tls = ssl_server_context(d.tls_cert, d.tls_key, d.tls_ca) if d.tls_cert else None
         if d.require_tls and tls is None:
-            raise ConfigurationError("dimse.require_tls is set but dimse.tls_cert is empty.")
+            raise ConfigError("dimse.require_tls is set but dimse.tls_cert is empty.")
         listeners: list[tuple[int, ssl.SSLContext | None]] = []
         if tls is not None and d.require_tls:
             listeners.append((d.port, tls))
@@ -694,13 +360,13 @@ class DimseServer:
                 listeners.append((d.tls_port, tls))
         addresses = []
         for port, ctx in listeners:
-            server = self.ae.make_server(
+            server = cast(_NodeServer, self.ae.make_server(
                 (d.host, port), ae_title=d.ae_title, ssl_context=ctx, evt_handlers=self.handlers(),
                 server_class=_NodeServer,
-            )
+            ))
             server.handshake_timeout = d.acse_timeout
-            if _FAST_OK:
-                server.RequestHandlerClass = _FastRequestHandler
+            if speedups.ACTIVE:
+                server.RequestHandlerClass = speedups.FastRequestHandler
             thread = threading.Thread(target=make_target(server.serve_forever), name=f"dimse-{port}", daemon=True)
             thread.start()
             self.ae._servers.append(server)  # so AE.shutdown() and server.shutdown() find it

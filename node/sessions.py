@@ -139,9 +139,11 @@ class Session:
         if not self.steps:
             return np.zeros(self.series.voxels.shape, dtype=bool)
         last = self.steps[-1]
-        if self._mask_of is not last:
-            self._mask, self._mask_of = last.mask, last
-        return self._mask
+        mask = self._mask
+        if self._mask_of is not last or mask is None:
+            mask = last.mask
+            self._mask, self._mask_of = mask, last
+        return mask
 
     def touch(self) -> None:
         self.last_access = time.time()

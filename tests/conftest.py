@@ -20,9 +20,7 @@ os.environ.setdefault("AINODE_LITEMEDSAM_ENCODER_BACKEND", "fused")
 os.environ.setdefault("AINODE_MODEL_LOAD_AT_START", "false")
 
 import peers  # noqa: E402
-
 from config.settings import Settings  # noqa: E402
-
 
 node_settings = peers.node_settings
 
@@ -78,7 +76,8 @@ def ct_series(tmp_path: Path) -> peers.CtSeries:
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Proc]:
     """One Orthanc for the session (its own config and storage, HTTP and DICOM on free ports)."""
     if not peers.have(peers.ORTHANC):
-        pytest.fail("Orthanc is not installed (apt-get install orthanc): scripts/install.sh --test installs the peers the tests need")
+        pytest.fail("Orthanc is not installed (apt-get install orthanc): "
+                    "scripts/install.sh --test installs the peers the tests need")
     proc = peers.start_orthanc(tmp_path_factory.mktemp("orthanc"))
     yield proc
     proc.stop(timeout=15)

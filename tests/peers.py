@@ -140,7 +140,8 @@ class Proc:
             return ""
 
 
-def start(args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def start(args: list[str], log: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
     fh = open(log, "wb")
     try:
         return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
@@ -212,10 +213,10 @@ def start_orthanc(workdir: Path, ae_title: str = "ORTHANC") -> Proc:
         try:
             orthanc_get(proc, "/system")
             break
-        except (OSError, urllib.error.URLError):
+        except (OSError, urllib.error.URLError) as exc:
             if p.poll() is not None or time.monotonic() > deadline:
                 proc.stop()
-                raise RuntimeError("Orthanc did not start:\n" + proc.log_text()[-2000:])
+                raise RuntimeError("Orthanc did not start:\n" + proc.log_text()[-2000:]) from exc
             time.sleep(0.05)
     wait_tcp(dicom_port, proc=p)
     return proc
@@ -248,9 +249,9 @@ def start_node(data_dir: Path, port: int | None = None, extra_env: dict[str, str
     p = start(args, log, env=env, cwd=ROOT)
     try:
         wait_tcp(port, timeout=30, proc=p)
-    except Exception:
+    except Exception as exc:
         Proc(p, log).stop(signal.SIGKILL)
-        raise RuntimeError("ainode serve did not start:\n" + log.read_text(errors="replace")[-3000:])
+        raise RuntimeError("ainode serve did not start:\n" + log.read_text(errors="replace")[-3000:]) from exc
     return Proc(p, log, port=port)
 
 

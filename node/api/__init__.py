@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount
@@ -16,12 +16,14 @@ from starlette.routing import BaseRoute, Mount
 from config.settings import ConfigError, Settings
 from dicom_io.errors import DicomInputError
 from dicom_io.store import Store
-from models.base import ModelError as SegmenterModelError
-from models.base import PromptError
-from node.api.auth import BearerAuthMiddleware
+from models.base import ModelError, PromptError
 from node.api.core import ApiContext, ApiError, shorten
 from node.inference import (
-    InferencePool, JobCancelledError, ModelUnavailableError, QueueFullError, UnknownModelError,
+    InferencePool,
+    JobCancelledError,
+    ModelUnavailableError,
+    QueueFullError,
+    UnknownModelError,
 )
 from node.sessions import SessionExpiredError, SessionNotFoundError, SessionStore, TooManySessionsError
 
@@ -42,23 +44,38 @@ def _error(request: Request, status: int, message: str, field: str | None = None
     return JSONResponse({"error": message, "detail": message, "field": field}, status_code=status, headers=headers)
 
 
+# One handler per error type (Starlette looks them up along the exception's MRO).
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, ApiError):
-        return _error(request, exc.status, str(exc), exc.field, exc.headers)
-    if isinstance(exc, (QueueFullError, TooManySessionsError)):
-        return _error(request, 503, str(exc), None, {"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, SessionExpiredError):
-        native = request.url.path.startswith("/v1/sessions")
-        return _error(request, 410 if native else HTTP_SESSION_EXPIRED, str(exc), "session_id")
-    if isinstance(exc, SessionNotFoundError):
-        return _error(request, 404, str(exc), "session_id")
-    if isinstance(exc, UnknownModelError):
-        return _error(request, 404, f"model: {exc}", "model")
-    if isinstance(exc, JobCancelledError):
-        return _error(request, 409, str(exc), "job")
-    if isinstance(exc, ModelUnavailableError):
-        return _error(request, 503, str(exc), "model")
-    return _error(request, 400, str(exc))
+    e = cast(ApiError, exc)
+    return _error(request, e.status, str(e), e.field, e.headers)
+
+
+async def _busy(request: Request, exc: Exception) -> Response:
+    e = cast(QueueFullError | TooManySessionsError, exc)
+    return _error(request, 503, str(e), None, {"Retry-After": str(e.retry_after)})
+
+
+async def _session_expired(request: Request, exc: Exception) -> Response:
+    native = request.url.path.startswith("/v1/sessions")
+    return _error(request, 410 if native else HTTP_SESSION_EXPIRED, str(exc), "session_id")
+
+
+async def _session_not_found(request: Request, exc: Exception) -> Response:
+    return _error(request, 404, str(exc), "session_id")
+
+
+async def _unknown_model(request: Request, exc: Exception) -> Response:
+    return _error(request, 404, f"model: {exc}", "model")
+
+
+async def _job_cancelled(request: Request, exc: Exception) -> Response:
+    return _error(request, 409, str(exc), "job")
+
+
+async def _model_unavailable(request: Request, exc: Exception) -> Response:
+    return _error(request, 503, str(exc), "model")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -106,14 +123,33 @@ async def _memory_error(request: Request, exc: Exception) -> Response:
                                 "it goes on serving; retry later or with a smaller series.", None)
 
 
+#: The API's answer to each error type: ``{"error", "detail", "field"}`` JSON with the status shown.
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    ApiError: _api_error,  # its own status, field and headers
+    QueueFullError: _busy, TooManySessionsError: _busy,  # 503 + Retry-After
+    SessionExpiredError: _session_expired,  # 410 (native) / 440 (MONAI Label, AIAA)
+    SessionNotFoundError: _session_not_found,  # 404
+    UnknownModelError: _unknown_model,  # 404
+    JobCancelledError: _job_cancelled,  # 409
+    ModelUnavailableError: _model_unavailable,  # 503 (ModelOutOfMemoryError too)
+    PromptError: _prompt_error,  # 422
+    DicomInputError: _dicom_error,  # 422
+    ModelError: _model_error,  # 503
+    MemoryError: _memory_error,  # 503
+    # Starlette's own refusals (malformed multipart/form data, 404/405) as JSON errors too.
+    HTTPException: _http_error,
+}
+
+
 def api_routes(settings: Settings, store: Store, inference: InferencePool | None = None,
                sessions: SessionStore | None = None, *, outbox: Any | None = None,
                context: ApiContext | None = None) -> list[BaseRoute]:
     """The REST API as routes for :func:`node.app.create_app` (``routes=api_routes(...)``).
 
-    All API routes live in one mounted sub-application with its own bearer-token middleware
-    (``api.tokens``) and exception handlers, so every refused request is a 4xx JSON answer naming
-    the field (``{"error", "detail", "field"}``); a full queue is 503 with ``Retry-After``.
+    All API routes live in one mounted sub-application with its own exception handlers
+    (:data:`EXCEPTION_HANDLERS`), so every refused request is a 4xx JSON answer naming the field
+    (``{"error", "detail", "field"}``); a full queue is 503 with ``Retry-After``. The bearer tokens
+    (``api.tokens``) are checked once, by the ``AuthMiddleware`` of :func:`node.app.create_app`.
 
     Parameters
     ----------
@@ -137,10 +173,6 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
         ``/infer/{model}``, ``/session/``...) and AIAA (``/v1/models``, ``/v1/segmentation``...) routes.
         Routes given to ``create_app`` before it (``/health``, ``/dicomweb``) keep precedence.
 
-    Raises
-    ------
-    ValueError
-        When ``api.tokens`` holds an entry that is not ``USER:TOKEN``.
     """
     from node.api.aiaa import AiaaApi
     from node.api.monailabel import MonaiLabelApi
@@ -159,22 +191,8 @@ def api_routes(settings: Settings, store: Store, inference: InferencePool | None
     if root:
         # MONAI Label behind a proxy that keeps the prefix (OHIF-AI's nginx: location /monai/ -> root_path=/monai).
         routes.insert(0, Mount(root, routes=monai.routes()))
-    app = Starlette(
-        routes=routes,
-        middleware=[Middleware(BearerAuthMiddleware, tokens=settings.api.tokens)],
-        exception_handlers={
-            ApiError: _api_error,  # NodeError subclasses below are looked up by MRO
-            QueueFullError: _api_error, TooManySessionsError: _api_error, SessionExpiredError: _api_error,
-            SessionNotFoundError: _api_error, UnknownModelError: _api_error, JobCancelledError: _api_error,
-            ModelUnavailableError: _api_error,
-            PromptError: _prompt_error,
-            DicomInputError: _dicom_error,
-            SegmenterModelError: _model_error,
-            MemoryError: _memory_error,
-            # Starlette's own refusals (malformed multipart/form data, 404/405) as JSON errors too.
-            HTTPException: _http_error,
-        },
-    )
+    # Authentication and roles: the one AuthMiddleware node.app.create_app puts around every route.
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
     app.state.api = ctx
     return [Mount("", app=app, name="api")]
 
@@ -218,7 +236,7 @@ def build_context(settings: Settings, store: Store, inference: InferencePool | N
     )
 
 
-__all__ = ["HTTP_SESSION_EXPIRED", "api_routes", "build_context", "monailabel_root_path"]
+__all__ = ["EXCEPTION_HANDLERS", "HTTP_SESSION_EXPIRED", "api_routes", "build_context", "monailabel_root_path"]
 
 
 

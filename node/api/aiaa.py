@@ -1,4 +1,5 @@
-"""The NVIDIA Clara AIAA v1 subset the XNAT OHIF viewer calls: /v1/models, /v1/segmentation, /v1/deepgrow, /v1/dextr3d."""
+"""The NVIDIA Clara AIAA v1 subset the XNAT OHIF viewer calls: /v1/models, /v1/segmentation, /v1/deepgrow, /v1/dextr3d.
+"""
 
 from __future__ import annotations
 

@@ -252,8 +252,8 @@ class AuthMiddleware:
     Sets ``scope["ainode.user"]`` and ``scope["ainode.principal"]``. With no tokens configured every
     request passes as ``anonymous`` with all roles. A missing or unknown token is answered 401, a token
     without the route's role 403 (both with ``WWW-Authenticate: Bearer``, RFC 6750). CORS preflights
-    (``OPTIONS``) pass. Applied once around the whole application by :func:`node.app.create_app`;
-    inner copies (the API's sub-application) let an already authenticated request through.
+    (``OPTIONS``) pass. Applied once, around the whole application, by :func:`node.app.create_app`
+    (a request that already carries a principal passes unchanged).
     """
 
     def __init__(self, app: ASGIApp, tokens: Sequence[Secret] = (),
@@ -331,11 +331,8 @@ class AuthMiddleware:
         await send(body)
 
 
-#: The name the API module has always imported.
-BearerAuthMiddleware = AuthMiddleware
-
 __all__ = [
-    "ADMIN", "ANONYMOUS", "AuthMiddleware", "BearerAuthMiddleware", "DEFAULT_ROLES", "MONAILABEL_ROLES", "PUBLIC",
+    "ADMIN", "ANONYMOUS", "AuthMiddleware", "DEFAULT_ROLES", "MONAILABEL_ROLES", "PUBLIC",
     "Principal", "READ", "ROLES", "ROUTE_ROLES", "SEGMENT", "TokenEntry", "declared_role", "parse_tokens",
     "required_role", "route_roles",
 ]

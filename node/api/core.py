@@ -34,7 +34,7 @@ from node.destinations import lookup
 from node.errors import ConfigurationError, NodeError
 from node.inference import BATCH, INTERACTIVE, InferencePool, Job, JobContext, Preencoder
 from node.pipeline import image_volume, safe_name
-from node.results import OUTPUTS, Written, queue_result, write_outputs
+from node.results import Written, queue_result, write_outputs
 from node.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -798,7 +798,7 @@ class ApiContext:
         voxels = int(union.sum())
         rec.voxel_count = voxels
         rec.volume_ml = voxels * series.geometry.voxel_volume_ml
-        rec.slices = [int(k) for k in np.nonzero(union.any(axis=(1, 2)))[0]]
+        rec.slices = [int(k) for k in np.flatnonzero(np.any(union, axis=(1, 2)))]
         rec.segments = [s.label for s in specs]
         rec.seg_format = written.seg_format
         rec.seg_binary = str(written.seg_binary) if written.seg_binary else None

@@ -29,7 +29,16 @@ from dicom_io.series import Series
 from models.base import BoxPrompt, Mode, PointPrompt, Prompts
 from node import __version__
 from node.api.core import (
-    ApiContext, ApiError, SeriesRef, bad, check_counts, check_prompts, echo, loads_json, user_of, write_outputs,
+    ApiContext,
+    ApiError,
+    SeriesRef,
+    bad,
+    check_counts,
+    check_prompts,
+    echo,
+    loads_json,
+    user_of,
+    write_outputs,
 )
 from node.pipeline import safe_name
 from node.sessions import Session, Step
@@ -123,7 +132,7 @@ def stream_meta_seg(meta: Mapping[str, Any], mask: np.ndarray) -> StreamingRespo
     # OHIF-AI's server passes a JSON string to its encoder, so the part holds a JSON-encoded string.
     meta_bytes = json.dumps(json.dumps(dict(meta))).encode()
     voxels = np.ascontiguousarray(mask.astype(np.uint8))
-    view = memoryview(voxels).cast("B")
+    view = voxels.data.cast("B")
 
     def chunks(step: int = 2 << 20) -> Iterator[memoryview]:
         for off in range(0, len(view), step):
@@ -381,7 +390,7 @@ def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = F
         pts = _list(params, "points")
         if len(pts) != len(labels):
             raise bad("params.point_labels", f"{len(labels)} labels for {len(pts)} points.")
-        for n, (item, label) in enumerate(zip(pts, labels)):
+        for n, (item, label) in enumerate(zip(pts, labels, strict=True)):
             x, y, z = _xyz(item, f"params.points[{n}]")
             if isinstance(label, bool) or not isinstance(label, (int, float)):
                 raise bad(f"params.point_labels[{n}]", f"{_short(label, 40)} is not 1 (foreground) or 0 (background).")
@@ -417,8 +426,8 @@ def prompts_from_params(params: Mapping[str, Any], n_slices: int, flip: bool = F
             x0, y0, x1, y1, z0, z1 = (float(v) for v in roi)
         except (TypeError, ValueError) as exc:
             raise bad("params.roi", f"{_short(roi)} holds a non-number.") from exc
-        k = params.get("slice")
-        k = int((z0 + z1) // 2) if k is None else k
+        given = params.get("slice")
+        k = int((z0 + z1) // 2) if given is None else given
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not float(k).is_integer():
             raise bad("params.slice", f"{_short(k, 40)} is not a slice index.")
         boxes.append(BoxPrompt(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1), k_of(int(k)), True))

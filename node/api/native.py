@@ -17,11 +17,23 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from node.api.core import (
-    OUTPUTS, ApiContext, ApiError, ResultRecord, bad, check_prompts, echo, json_body, parse_mode, parse_prompts,
-    parse_segment, parse_series_ref, user_of, write_outputs,
+    ApiContext,
+    ApiError,
+    ResultRecord,
+    bad,
+    check_prompts,
+    echo,
+    json_body,
+    parse_mode,
+    parse_prompts,
+    parse_segment,
+    parse_series_ref,
+    user_of,
+    write_outputs,
 )
 from node.inference import DONE, Job, JobCancelledError
 from node.pipeline import safe_name
+from node.results import OUTPUTS
 from node.sessions import Session, Step, merge
 
 logger = logging.getLogger(__name__)

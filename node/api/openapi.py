@@ -173,7 +173,8 @@ def build_document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
                 "summary": summary, "tags": [tag], "operationId": f"{method.lower()}_{route.path}",
                 "responses": {"2XX": {"description": "OK (201 created; 202 accepted, e.g. wait=false)"},
                               "4XX": {"description": "Refused; the message names the field",
-                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                                      "content": {"application/json": {
+                                          "schema": {"$ref": "#/components/schemas/Error"}}}},
                               "502": {"description": "The archive failed while pulling the series"},
                               "503": {"description": "Queue full or model unavailable (Retry-After)"},
                               "504": {"description": "The job outlived api.job_timeout_seconds (it keeps running)"}},

@@ -19,6 +19,7 @@ if _HERE not in sys.path:
 from api_helpers import Api, PhantomSeries, api_settings, make_phantom_series  # noqa: E402,F401
 from config.settings import ModelSettings, Settings  # noqa: E402
 
+
 @pytest.fixture(scope="session")
 def segmenter() -> Any:
     """One LiteMedSAM for the whole session: its embedding cache is shared by all tests."""

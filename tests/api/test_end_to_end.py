@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import gzip
 import io
 import sys
@@ -19,11 +18,17 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from api_helpers import PhantomSeries, make_phantom_series
 
 import peers
+from api_helpers import PhantomSeries, make_phantom_series
 from config.settings import (
-    DestinationSettings, DimseSettings, HttpSettings, ModelSettings, OutboxSettings, Settings, StoreSettings,
+    DestinationSettings,
+    DimseSettings,
+    HttpSettings,
+    ModelSettings,
+    OutboxSettings,
+    Settings,
+    StoreSettings,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dicomweb"))
@@ -75,12 +80,13 @@ def test_node_service_serves_the_api_next_to_dicomweb(tmp_path: Path) -> None:
 
     from node.service import NodeService
 
-    settings = dataclasses.replace(_settings(tmp_path / "node"), http=HttpSettings(host="127.0.0.1", port=peers.free_port()))
+    settings = dataclasses.replace(_settings(tmp_path / "node"),
+                                   http=HttpSettings(host="127.0.0.1", port=peers.free_port()))
     service = NodeService(settings)
     service.start()
     try:
         assert service.http_address is not None
-        base = "http://%s:%d" % service.http_address
+        base = "http://{}:{}".format(*service.http_address)
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.get(f"{base}/dicomweb/studies").json() == []
         assert httpx.get(f"{base}/v1/status").status_code == 200
@@ -159,7 +165,8 @@ def test_cstore_series_3d_over_uvicorn_with_delivery(tmp_path: Path, segmenter: 
 @pytest.fixture(scope="module")
 def orthanc_dw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Proc]:
     if not peers.have(peers.ORTHANC) or not dw_helpers.DICOMWEB_PLUGIN.exists():
-        pytest.fail("Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc orthanc-dicomweb): scripts/install.sh --test installs the peers the tests need")
+        pytest.fail("Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc orthanc-dicomweb): "
+                    "scripts/install.sh --test installs the peers the tests need")
     proc = dw_helpers.start_orthanc_dicomweb(tmp_path_factory.mktemp("orthanc-api"))
     yield proc
     proc.stop(timeout=15)
@@ -177,8 +184,8 @@ def test_series_pulled_from_orthanc_monailabel_and_native(tmp_path: Path, segmen
             # OHIF v3 / MONAI Label: image=<SeriesInstanceUID> resolved through the DICOMweb archive.
             x, y = pulled.center
             r = c.post(f"/infer/sam_2d?image={pulled.series_instance_uid}&output=dicom_seg",
-                       files={"params": (None, '{"foreground": [[%f, %f, %d]], "label_info": [{"name": "lesion"}]}'
-                                         % (x, y, pulled.k))})
+                       files={"params": (None, f'{{"foreground": [[{x:f}, {y:f}, {pulled.k:d}]], '
+                                         f'"label_info": [{{"name": "lesion"}}]}}')})
             assert r.status_code == 200, r.text
             # Like every result, the SEG goes into the store and through the persisted outbox (retried, once).
             assert r.headers["x-stored-to"] == "ORTHANC: pending"
@@ -192,7 +199,8 @@ def test_series_pulled_from_orthanc_monailabel_and_native(tmp_path: Path, segmen
             assert on_orthanc()[0]["00080060"]["Value"] == ["SEG"]
             entry = served.service.outbox.entry(str(seg.SOPInstanceUID), "ORTHANC")
             assert entry is not None and peers.wait_until(
-                lambda: served.service.outbox.entry(str(seg.SOPInstanceUID), "ORTHANC").state == "delivered", timeout=10)
+                lambda: served.service.outbox.entry(str(seg.SOPInstanceUID), "ORTHANC").state == "delivered",
+                timeout=10)
             assert served.service.store.get_series(pulled.series_instance_uid).num_instances == len(pulled.paths)
 
             # Native: an archive plus Study/Series UIDs; the result goes back where the series came from.

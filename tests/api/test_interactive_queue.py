@@ -157,9 +157,8 @@ def test_running_click_stops_at_its_next_slice_when_the_client_disconnects(make_
     import dataclasses
 
     from api_helpers import make_phantom_series
-    from node.app import HttpServer
-
     from config.settings import LiteMedSAMSettings
+    from node.app import HttpServer
 
     ph = make_phantom_series(tmp_path / "tall", shape=(40, 64, 64), seed=1818)  # 3D: one slice after another
     settings = dataclasses.replace(api_settings(tmp_path / "t"), litemedsam=LiteMedSAMSettings(preencode=False))

@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from clients import parse_form_multipart, parse_nrrd, parse_ohif_ai
-from api_helpers import Api, PhantomSeries, api_settings
 
+from api_helpers import Api, PhantomSeries, api_settings
+from clients import parse_form_multipart, parse_nrrd, parse_ohif_ai
 from dicom_io.nifti import write_nifti
 from dicom_io.series import load_series
 

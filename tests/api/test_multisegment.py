@@ -10,8 +10,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pydicom
-from api_helpers import Api, PhantomSeries
 
+from api_helpers import Api, PhantomSeries
 from dicom_io.seg import read_seg_masks
 from dicom_io.series import load_series
 from node.api.native import unpack_mask

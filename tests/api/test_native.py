@@ -12,8 +12,8 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pytest
-from api_helpers import Api, PhantomSeries, api_settings
 
+from api_helpers import Api, PhantomSeries, api_settings
 from dicom_io.series import load_series
 
 
@@ -258,7 +258,6 @@ def test_cors_preflight_for_configured_origin(make_api: Any, tmp_path: Any, phan
 
 def test_unreachable_archive_is_502(make_api: Any, tmp_path: Any) -> None:
     import peers
-
     from config.settings import DestinationSettings
 
     dead = f"http://127.0.0.1:{peers.free_port()}/dicom-web"
@@ -269,7 +268,8 @@ def test_unreachable_archive_is_502(make_api: Any, tmp_path: Any) -> None:
         "prompts": {"points": [{"ijk": [1, 1, 1]}]}})
     assert r.status_code == 502, r.text
     assert "PACSWEB" in r.json()["error"]
-    r = api.client.post("/infer/sam_2d?image=1.2.3.4&output=json", files={"params": (None, '{"foreground": [[1,1,1]]}')})
+    r = api.client.post("/infer/sam_2d?image=1.2.3.4&output=json",
+                        files={"params": (None, '{"foreground": [[1,1,1]]}')})
     assert r.status_code == 502 and "PACSWEB" in r.json()["detail"]
     r = api.client.post("/v1/segmentations", json={
         "series": {"series_instance_uid": "1.2.3.4", "archive": "NOPE"}, "prompts": {"points": [{"ijk": [1, 1, 1]}]}})
@@ -290,10 +290,20 @@ def test_interactive_jobs_overtake_queued_batch_jobs(api: Api, phantom: PhantomS
     assert click.describe()["priority"] == INTERACTIVE
 
 
-def test_model_load_leaves_long_lived_objects_out_of_garbage_collection(api: Api) -> None:
-    """After a model load the objects alive then are frozen; garbage made afterwards is still collected."""
+def test_model_load_leaves_long_lived_objects_out_of_garbage_collection(api: Api,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a model load the objects alive then are frozen; garbage made afterwards is still collected.
+
+    The freeze is the service entry point's (node.service.serve sets node.inference.after_model_load; a
+    served node's log shows it, tests/node/test_load_at_start.py): set here as serve sets it.
+    """
     import gc
     import weakref
+
+    from node import inference
+    from node.service import _freeze_long_lived
+
+    monkeypatch.setattr(inference, "after_model_load", _freeze_long_lived)
 
     class Node:
         ref: Any = None

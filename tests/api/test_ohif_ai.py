@@ -15,9 +15,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+
 from api_helpers import Api, PhantomSeries, api_settings, make_phantom_series
 from clients import parse_form_multipart, parse_ohif_ai, parse_ohif_ai_fork
-
 from config.settings import ApiSettings, ConfigError, Secret, ViewerSettings
 from dicom_io.series import load_series
 
@@ -282,7 +282,8 @@ def _check_fork_answer(r: Any, series: PhantomSeries, viewer_k: int,
 
 
 def test_fork_direct_format_with_zip_upload(api: Api, phantom: PhantomSeries) -> None:
-    """Deployment guide: ``-F file=@series.zip -F 'params={"nninter":"sam3","pos_points":[[x,y,z]],"neg_points":[]}'``."""
+    """Deployment guide:
+    ``-F file=@series.zip -F 'params={"nninter":"sam3","pos_points":[[x,y,z]],"neg_points":[]}'``."""
     x, y = phantom.center
     k = phantom.k
     init = api.client.post("/infer/segmentation", files=_upload(phantom, nninter="init"))

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from api_helpers import PhantomSeries, api_settings
 
+from api_helpers import PhantomSeries, api_settings
 from config.settings import DestinationSettings, OutboxSettings
 
 
@@ -83,8 +83,8 @@ def test_dicom_seg_label_with_a_control_character_is_422(make_api: Any, tmp_path
 def test_dicom_seg_colour_that_is_no_number_is_422(make_api: Any, tmp_path: Path, phantom: PhantomSeries) -> None:
     api = make_api(_settings(tmp_path / "node"), series=[phantom])
     for color in ("[Infinity, 0, 0]", "[NaN, 0, 0]", '["red", 0, 0]'):
-        params = ('{"foreground": [[%f, %f, %d]], "label_info": [{"name": "x", "color": %s}]}'
-                  % (phantom.center[0], phantom.center[1], phantom.k, color))
+        params = (f'{{"foreground": [[{phantom.center[0]:f}, {phantom.center[1]:f}, {phantom.k:d}]], '
+                  f'"label_info": [{{"name": "x", "color": {color}}}]}}')
         r = api.client.post(f"/infer/sam_2d?image={phantom.series_instance_uid}&output=dicom_seg",
                             files={"params": (None, params)})
         assert r.status_code == 422 and r.json()["field"] == "params.label_info", (color, r.text[:300])

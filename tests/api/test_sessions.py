@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from api_helpers import Api, PhantomSeries, api_settings
 
+from api_helpers import Api, PhantomSeries, api_settings
 from node.api.native import unpack_mask
 
 

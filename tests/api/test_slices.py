@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from api_helpers import Api, PhantomSeries, api_settings
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
+
+from api_helpers import Api, PhantomSeries, api_settings
 
 
 def _open(api: Api, ph: PhantomSeries, headers: dict[str, str] | None = None) -> str:

@@ -18,15 +18,15 @@ from typing import Any
 
 import httpx
 import numpy as np
-import peers
 import pydicom
 import pytest
+
+import peers
 from browser_helpers import BrowserRun, check_browser, run_browser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dicomweb"))
-from dw_helpers import AUTH_PASSWORD, AUTH_USER, DICOMWEB_PLUGIN, orthanc_call, start_orthanc_dicomweb  # noqa: E402
-
 from dicom_io.phantom import write_phantom_series  # noqa: E402
+from dw_helpers import AUTH_PASSWORD, AUTH_USER, DICOMWEB_PLUGIN, orthanc_call, start_orthanc_dicomweb  # noqa: E402
 from node.viewer import DIST  # noqa: E402
 
 pytestmark = pytest.mark.peers
@@ -89,7 +89,7 @@ def seg_voxels_by_source(data: bytes) -> dict[str, int]:
     ds = pydicom.dcmread(io.BytesIO(data))
     frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
     out: dict[str, int] = {}
-    for item, frame in zip(ds.PerFrameFunctionalGroupsSequence, frames):
+    for item, frame in zip(ds.PerFrameFunctionalGroupsSequence, frames, strict=True):
         sop = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         n = int(np.count_nonzero(frame))
         if n:
@@ -152,7 +152,8 @@ def test_ohif_embedded_shows_the_nodes_label_map_seg(tmp_path: Path) -> None:
         r = httpx.get(f"{base}{result['links']['seg']}", timeout=60)
         assert r.status_code == 200
         ds = pydicom.dcmread(io.BytesIO(r.content), stop_before_pixels=True)
-        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7" and ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
         expected = seg_voxels_by_source(r.content)
         run = run_browser("ohif_seg.js", {"base": base, "study": study, "seg": seg_series, "patient": PATIENT,
                                           "segDescription": SEG_DESCRIPTION, "out": str(tmp_path)}, tmp_path)
@@ -338,7 +339,8 @@ def test_archive_proxy_against_orthanc(tmp_path: Path) -> None:
             assert uri.startswith("http://viewer.test/ohif-archive/studies/"), uri
             sop = meta.json()[0]["00080018"]["Value"][0]
             frame = client.get(f"/ohif-archive/studies/{s}/series/{se}/instances/{sop}/frames/1",
-                               headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+                               headers={"Accept": "multipart/related; type=application/octet-stream; "
+                                                  "transfer-syntax=*"})
             assert frame.status_code == 200 and frame.headers["content-type"].startswith("multipart/related")
             assert len(frame.content) >= 16 * 16 * 2
             bulk = client.get(uri.removeprefix("http://viewer.test"))

@@ -24,12 +24,12 @@ from typing import Any
 import highdicom as hd
 import httpx
 import numpy as np
-import peers
 import pydicom
 import pytest
-from browser_helpers import CHROMIUM, NODE_MODULES, check_browser
 from PIL import Image
 
+import peers
+from browser_helpers import CHROMIUM, NODE_MODULES, check_browser
 from dicom_io.phantom import write_phantom_series
 
 pytestmark = pytest.mark.peers
@@ -168,7 +168,8 @@ def _check(result: dict[str, Any], run: subprocess.CompletedProcess[str], base: 
                       timeout=30).json()
     assert len(found) == 1, found
     seg_series = found[0]["0020000E"]["Value"][0]
-    inst = httpx.get(f"{base}/dicomweb/studies/{ct.study_instance_uid}/series/{seg_series}/instances", timeout=30).json()
+    inst = httpx.get(f"{base}/dicomweb/studies/{ct.study_instance_uid}/series/{seg_series}/instances",
+                     timeout=30).json()
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(
         _wado_instance(base, ct.study_instance_uid, seg_series, inst[0]["00080018"]["Value"][0]))))
     assert seg.number_of_segments == 2

@@ -16,15 +16,14 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pydicom
 import pytest
-from browser_helpers import run_browser
 
 import peers
+from browser_helpers import run_browser
 from dicom_io.phantom import write_phantom_series
 from node.prompt_page import DIST
 
@@ -185,7 +184,7 @@ def test_prompt_page_click_box_undo_commit(node: Node, tmp_path: Path) -> None:
         expected.append(_unpack(got.content, shape))
         page_mask = c.get(f"/v1/sessions/{r['session']}/mask?output=bin")
         assert page_mask.status_code == 200
-    for step, want in zip((point_step, negative_step, box_step, undo_step, three_step), expected):
+    for step, want in zip((point_step, negative_step, box_step, undo_step, three_step), expected, strict=True):
         shown = _overlay(step["overlay"], shape)
         assert step["response"]["voxel_count"] == step["api_mask"]["voxel_count"] == int(want.sum()), step["label"]
         assert step["response"]["shown"] == int(shown.sum()) == sum(step["overlay_counts"])

@@ -67,3 +67,32 @@ def test_every_field_has_a_comment() -> None:
 
     undocumented = [key for key, _env, _d, doc in _iter_documented(Settings, "") if not doc]
     assert not undocumented
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), [
+    ("kind", "ftp", "'dimse', 'dicomweb', 'xnat'"),
+    ("auth", "kerberos", "'none', 'basic', 'bearer', 'jsession'"),
+    ("xnat_upload", "email", "'auto', 'roi', 'import'"),
+])
+def test_a_closed_set_typo_fails_at_load_naming_the_key(tmp_path: Path, key: str, value: str, allowed: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[destinations.PACS]\nurl = "http://pacs/dicom-web"\n{key} = "{value}"\n')
+    with pytest.raises(ConfigError) as exc:
+        Settings.load(cfg, environ={})
+    assert str(exc.value) == f"Config 'destinations.PACS.{key}' has value '{value}'. Not one of {allowed}."
+
+
+def test_closed_sets_load_as_enums(tmp_path: Path) -> None:
+    from config.settings import DestinationKind, HttpAuth, XnatUpload
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[destinations.PACS]\nkind = "DICOMweb"\nauth = " Bearer"\n[destinations.X]\nkind = "xnat"\n'
+                   'xnat_upload = "roi"\n')
+    s = Settings.load(cfg, environ={})
+    pacs, xnat = s.destinations["PACS"], s.destinations["X"]
+    assert pacs.kind is DestinationKind.DICOMWEB and pacs.auth is HttpAuth.BEARER
+    assert xnat.kind is DestinationKind.XNAT and xnat.xnat_upload is XnatUpload.ROI and xnat.auth is HttpAuth.NONE
+    assert pacs.kind == "dicomweb" and f"{pacs.kind}" == "dicomweb"  # still compares and prints as its value
+    cfg.write_text("[destinations.PACS]\nkind = 3\n")
+    with pytest.raises(ConfigError, match=r"'destinations.PACS.kind' has value 3\. Not a valid DestinationKind"):
+        Settings.load(cfg, environ={})

@@ -9,7 +9,6 @@ import pydicom
 import pytest
 
 from dicom_io.phantom import write_phantom_series
-
 from dicomio_helpers import dciodvfy_errors, oblique_orientation, requires_dciodvfy
 
 

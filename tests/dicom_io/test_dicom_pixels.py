@@ -115,7 +115,8 @@ def test_enhanced_ct_from_pydicom_data() -> None:
 
 
 @pytest.mark.parametrize("ts", [None, RLELossless], ids=["native", "rle"])
-def test_legacy_converted_multiframe_equals_single_frame(tmp_path: Path, reference: Phantom, ts: pydicom.uid.UID | None) -> None:
+def test_legacy_converted_multiframe_equals_single_frame(tmp_path: Path, reference: Phantom,
+                                                         ts: pydicom.uid.UID | None) -> None:
     kwargs = {"transfer_syntax": ts} if ts else {}
     ph = _same_phantom(tmp_path / "mf", multiframe=True, **kwargs)
     assert len(ph.paths) == 1

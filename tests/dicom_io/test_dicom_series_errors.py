@@ -93,7 +93,8 @@ def test_duplicate_position(ph: Phantom) -> None:
 
 
 def test_two_series_need_a_choice(ph: Phantom, tmp_path: Path) -> None:
-    other = write_phantom_series(tmp_path / "o", shape=(3, 16, 16), modality="MR", study_instance_uid=ph.study_instance_uid)
+    other = write_phantom_series(tmp_path / "o", shape=(3, 16, 16), modality="MR",
+                                 study_instance_uid=ph.study_instance_uid)
     with pytest.raises(SeriesError, match="2 image series") as exc:
         load_series([ph.paths[0].parent, other.paths[0].parent])
     msg = str(exc.value)

@@ -28,7 +28,8 @@ def _zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def test_folder_recursive_skips_junk_and_dicomdir(small: Phantom, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_folder_recursive_skips_junk_and_dicomdir(small: Phantom, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "root"
     (root / "a" / "b").mkdir(parents=True)
     for i, p in enumerate(small.paths):

@@ -202,7 +202,7 @@ def test_a_store_with_concurrent_puts_keeps_every_acknowledged_instance(tmp_path
     store = Store.open(root)
     assert store.count() == 48
     for s in series:
-        for p, uid in zip(s.paths, s.sop_uids):
+        for p, uid in zip(s.paths, s.sop_uids, strict=False):
             rec = store.instance(uid)
             assert rec is not None and rec.path.read_bytes() == p.read_bytes()
     store.close()

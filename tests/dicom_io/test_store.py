@@ -294,7 +294,7 @@ def test_journal_replays_acknowledged_instances_lost_in_a_power_cut(tmp_path: Pa
     report = store.recover()  # open() recovered already: nothing left to replay
     assert report.replayed == 0
     assert store.count() == 4 and not store.quarantined()
-    for path, uid in zip(series.paths, series.sop_uids):
+    for path, uid in zip(series.paths, series.sop_uids, strict=True):
         rec = store.instance(uid)
         assert rec is not None and rec.path.read_bytes() == path.read_bytes()
         assert rec.calling_ae_title in ("CRASHER", "")  # re-indexed from the file or from the journal
@@ -347,7 +347,7 @@ def test_journal_torn_tail_is_ignored(tmp_path: Path, series: peers.CtSeries) ->
     assert len(intact) == 3
     store = Store.open(root)
     assert {i.sop_instance_uid for i in store.instances(series.series_uid)} == set(series.sop_uids[:3])
-    for uid, path in zip(series.sop_uids[:3], series.paths[:3]):
+    for uid, path in zip(series.sop_uids[:3], series.paths[:3], strict=True):
         rec = store.instance(uid)
         assert rec is not None and rec.path.read_bytes() == path.read_bytes()
     store.close()
@@ -392,7 +392,7 @@ def test_journal_ring_wraps_and_large_instances_bypass(tmp_path: Path) -> None:
     assert read_journal(root / "journal")[2] == []
     store = Store.open(root)
     assert store.count() == 25
-    for p, uid in zip(src.paths, src.sop_uids):
+    for p, uid in zip(src.paths, src.sop_uids, strict=True):
         rec = store.instance(uid)
         assert rec is not None and rec.path.read_bytes() == p.read_bytes()
     store.close()
@@ -441,11 +441,12 @@ def test_a_staged_batch_is_flushed_with_one_syncfs_only_when_little_else_waits(
         real_syncfs(root)
 
     monkeypatch.setattr(store_mod, "syncfs", syncfs)
-    monkeypatch.setattr(store_mod, "_flush_files", lambda paths: calls.append(("files", len(paths))) or real_files(paths))
+    monkeypatch.setattr(store_mod, "_flush_files",
+                        lambda paths: calls.append(("files", len(paths))) or real_files(paths))
     src = peers.make_ct_series(tmp_path / "src", n=9, rows=16, cols=16)
     staged = [store.stage(p.read_bytes(), InstanceInfo.from_file(p)) for p in src.paths]
     batches = [staged[0:3], staged[3:6], staged[6:9]]
-    for pending, batch in zip((0, 10 << 30, None), batches):
+    for pending, batch in zip((0, 10 << 30, None), batches, strict=True):
         monkeypatch.setattr(store_mod, "_writeback_pending_bytes", lambda pending=pending: pending)
         assert not any(r.duplicate for r in store.commit_staged(batch))
     assert calls == [("syncfs", store.instances_dir), ("files", 3), ("files", 3)]
@@ -472,7 +473,7 @@ def test_staging_writes_into_spare_files_and_commits_them_into_place(tmp_path: P
     assert not list(store.instances_dir.rglob("*.dcm"))  # nothing visible before the commit
     results = store.commit_staged(staged)  # type: ignore[arg-type]
     assert not any(r.duplicate for r in results)
-    for path, r in zip(src.paths, results):
+    for path, r in zip(src.paths, results, strict=True):
         assert r.path.read_bytes() == path.read_bytes()
         assert r.path.parent == store.instances_dir / src.study_uid / src.series_uid
         assert r.path.stat().st_ino in spares_before  # the very file created in advance

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import peers
 import pytest
+
+import peers
 from dw_helpers import AUTH_PASSWORD, AUTH_USER, DICOMWEB_PLUGIN, start_orthanc_dicomweb
 
 
 def _need_orthanc() -> None:
     if not peers.have(peers.ORTHANC) or not DICOMWEB_PLUGIN.exists():
-        pytest.fail("Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc orthanc-dicomweb): scripts/install.sh --test installs the peers the tests need")
+        pytest.fail("Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc orthanc-dicomweb): "
+                    "scripts/install.sh --test installs the peers the tests need")
 
 
 @pytest.fixture(scope="session")

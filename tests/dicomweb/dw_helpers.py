@@ -71,10 +71,10 @@ def start_orthanc_dicomweb(workdir: Path, *, users: dict[str, str] | None = None
         try:
             orthanc_call(proc, "GET", "/system", users=users)
             break
-        except (OSError, urllib.error.URLError):
+        except (OSError, urllib.error.URLError) as exc:
             if p.poll() is not None or time.monotonic() > deadline:
                 proc.stop()
-                raise RuntimeError("Orthanc did not start:\n" + proc.log_text()[-2000:])
+                raise RuntimeError("Orthanc did not start:\n" + proc.log_text()[-2000:]) from exc
             time.sleep(0.05)
     return proc
 

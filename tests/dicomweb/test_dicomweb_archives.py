@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import peers
 import pydicom
 import pytest
-from dw_helpers import AUTH_PASSWORD, AUTH_USER, upload
-from fake_xnat import FakeXnat
 
-from config.settings import DestinationSettings, Secret, Settings
+import peers
+from config.settings import ConfigError, DestinationSettings, Secret, Settings
 from dicom_io.dicomweb import DicomwebClient, first_value
 from dicom_io.phantom import write_phantom_series
 from dicom_io.store import Store
+from dw_helpers import AUTH_PASSWORD, AUTH_USER, upload
+from fake_xnat import FakeXnat
 from node.app import HttpServer
 from node.archives import (
     Origins,
@@ -23,7 +23,6 @@ from node.archives import (
     result_destinations,
     send_to_destination,
 )
-from node.errors import ConfigurationError
 
 
 def _settings(tmp_path: Path, **destinations: DestinationSettings) -> Settings:
@@ -66,11 +65,11 @@ def test_pull_records_the_origin_and_results_go_back(orthanc_auth: peers.Proc, t
 
 def test_configuration_errors(tmp_path: Path) -> None:
     settings = _settings(tmp_path, odd=DestinationSettings(kind="ftp"), web=DestinationSettings(kind="dicomweb"))
-    with pytest.raises(ConfigurationError, match="kind 'ftp'"):
+    with pytest.raises(ConfigError, match="kind 'ftp'"):
         send_to_destination("odd", settings, [])
-    with pytest.raises(ConfigurationError, match="must start with http"):
+    with pytest.raises(ConfigError, match="must start with http"):
         send_to_destination("web", settings, [])
-    with pytest.raises(ConfigurationError, match="not configured"):
+    with pytest.raises(ConfigError, match="not configured"):
         send_to_destination("nope", settings, [])
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import urllib.error
 from pathlib import Path
 
-import peers
 import pydicom
 import pytest
-from dw_helpers import AUTH_PASSWORD, AUTH_USER, orthanc_call, upload
 
+import peers
 from dicom_io.dicomweb import DicomwebClient, DicomwebError, first_value, make_auth
 from dicom_io.phantom import write_phantom_series
 from dicom_io.store import Store
+from dw_helpers import AUTH_PASSWORD, AUTH_USER, orthanc_call, upload
 
 
 def _client(proc: peers.Proc, **kw: object) -> DicomwebClient:
@@ -251,7 +251,8 @@ def test_a_pull_keeps_the_good_instances_and_refuses_damaged_or_foreign_parts(tm
     assert (result.stored, result.expected) == (5, 7) and not result.complete
     assert sorted(result.failed) == ["part 3", "part 5"], result.failed
     assert "not " + series in result.failed["part 5"]
-    assert {r.sop_instance_uid for r in store.instances(series)} == {pydicom.dcmread(p).SOPInstanceUID for p in good.paths}
+    assert ({r.sop_instance_uid for r in store.instances(series)}
+            == {pydicom.dcmread(p).SOPInstanceUID for p in good.paths})
     assert seen[-1] == (5, 7)
     assert not [p for p in store.root.rglob("*.partial")] and not list((store.root / "spool").iterdir())
     store.close()

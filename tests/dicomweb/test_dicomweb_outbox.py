@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import peers
 import pydicom
-from dw_helpers import start_orthanc_dicomweb
-from fake_xnat import FakeXnat
 
+import peers
 from config.settings import DestinationSettings, OutboxSettings, Secret, Settings
 from dicom_io.dicomweb import DicomwebClient
 from dicom_io.phantom import write_phantom_series
 from dicom_io.store import KIND_RESULT, Store
+from dw_helpers import start_orthanc_dicomweb
+from fake_xnat import FakeXnat
 from node.app import HttpServer
 from node.outbox import DELIVERED, PENDING, Outbox
 
@@ -76,10 +76,10 @@ def test_xnat_outage_then_delivered(tmp_path: Path) -> None:
                                                     username="u", password=Secret("p"), project="P")},
         )
         store = Store.open(tmp_path / "store")
+        import numpy as np
+
         from dicom_io import seg as segmod
         from dicom_io.series import load_series
-
-        import numpy as np
 
         series = load_series(ph.paths)
         mask = np.zeros(series.voxels.shape, dtype=bool)
@@ -124,10 +124,10 @@ def _restart_orthanc(old: peers.Proc) -> peers.Proc:
         try:
             orthanc_call(proc, "GET", "/system")
             return proc
-        except (OSError, urllib.error.URLError):
+        except (OSError, urllib.error.URLError) as exc:
             if p.poll() is not None or time.monotonic() > deadline:
                 proc.stop()
-                raise RuntimeError("Orthanc did not restart:\n" + proc.log_text()[-2000:])
+                raise RuntimeError("Orthanc did not restart:\n" + proc.log_text()[-2000:]) from exc
             time.sleep(0.05)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import peers
 import pydicom
-from dw_helpers import upload
 
+import peers
 from config.settings import DimseSettings, HttpSettings, Settings, StoreSettings
 from dicom_io.phantom import write_phantom_series
 from dicom_io.scu import Peer, send_instances
+from dw_helpers import upload
 
 
 def test_serve_accepts_stow_and_c_store_into_one_store(start_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -71,4 +71,4 @@ def test_serve_process_stops_cleanly_with_http(tmp_path: Path) -> None:
     finally:
         code = node.stop(signal.SIGTERM, timeout=20)
     assert code == 0, node.log_text()[-2000:]
-    assert "DICOMweb at http://127.0.0.1:%d/dicomweb" % port in node.log_text()
+    assert f"DICOMweb at http://127.0.0.1:{port}/dicomweb" in node.log_text()

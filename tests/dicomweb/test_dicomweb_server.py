@@ -8,15 +8,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import peers
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from dw_helpers import orthanc_call, start_orthanc_dicomweb, upload
 
+import peers
 from config.settings import HttpSettings, Settings
 from dicom_io.phantom import write_phantom_series
 from dicom_io.store import Store
+from dw_helpers import orthanc_call, start_orthanc_dicomweb, upload
 from node.app import HttpServer, create_app
 
 

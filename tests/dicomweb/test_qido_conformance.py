@@ -6,13 +6,13 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 import httpx
-import peers
 import pytest
-from dw_helpers import DICOMWEB_PLUGIN, orthanc_call, start_orthanc_dicomweb
-from qido_data import StudySpec, instance_bytes, study_spec
-from test_qido_index import client_for, ingest
 
+import peers
 from dicom_io.store import Store
+from dw_helpers import DICOMWEB_PLUGIN, orthanc_call, start_orthanc_dicomweb
+from qido_data import instance_bytes, study_spec
+from test_qido_index import client_for, ingest
 
 SPECS = [study_spec(i, series=1 + (i % 4 == 0)) for i in range(36)]
 

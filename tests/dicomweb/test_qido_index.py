@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qido_data import StudySpec, archive, instance_bytes, study_spec
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.testclient import TestClient
@@ -22,6 +21,7 @@ from dicom_io import store as store_mod
 from dicom_io.query import Level, parse_search, plan
 from dicom_io.store import InstanceInfo, Store, check_encoding, read_file_meta
 from node.dicomweb import DicomwebConfig, dicomweb_routes
+from qido_data import StudySpec, archive, instance_bytes, study_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -276,7 +276,8 @@ def reading(cls, path):
 IndexedAttributes.from_file = classmethod(reading)
 s.Store({str(root)!r}, durable=False)
 """
-    rc = subprocess.run([sys.executable, "-c", crash], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120).returncode
+    rc = subprocess.run([sys.executable, "-c", crash], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                        timeout=120).returncode
     assert rc == 9
     db = sqlite3.connect(root / "index.sqlite")
     assert db.execute("PRAGMA user_version").fetchone()[0] == 0

@@ -6,15 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import peers
 import pytest
-from fake_xnat import FakeXnat
 
+import peers
 from dicom_io import seg as segmod
 from dicom_io.phantom import write_phantom_series
 from dicom_io.series import load_series
 from dicom_io.store import Store
 from dicom_io.xnat import XnatClient, XnatError
+from fake_xnat import FakeXnat
 from node.app import HttpServer
 
 USER, PASSWORD = "researcher", "xnat-pw"

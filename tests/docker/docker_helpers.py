@@ -149,10 +149,11 @@ def start_orthanc(workdir: Path, node_port: int) -> peers.Proc:
         try:
             peers.orthanc_get(proc, "/system")
             break
-        except (OSError, urllib.error.URLError):
+        except (OSError, urllib.error.URLError) as exc:
             if p.poll() is not None or time.monotonic() > deadline:
                 proc.stop()
-                raise RuntimeError("Orthanc did not start:\n" + proc.log_text()[-2000:] + orthanc_log(proc)[-2000:])
+                raise RuntimeError("Orthanc did not start:\n" + proc.log_text()[-2000:]
+                                   + orthanc_log(proc)[-2000:]) from exc
             time.sleep(0.05)
     peers.wait_tcp(dicom_port, proc=p)
     return proc
@@ -180,9 +181,9 @@ def start_node(data_dir: Path, config: Path, dimse_port: int, http_port: int) ->
     try:
         peers.wait_tcp(dimse_port, timeout=60, proc=p)
         peers.wait_tcp(http_port, timeout=60, proc=p)
-    except Exception:
+    except Exception as exc:
         peers.Proc(p, log).stop()
-        raise RuntimeError("ainode serve did not start:\n" + log.read_text(errors="replace")[-3000:])
+        raise RuntimeError("ainode serve did not start:\n" + log.read_text(errors="replace")[-3000:]) from exc
     return peers.Proc(p, log, port=dimse_port, http_port=http_port, workdir=data_dir)
 
 

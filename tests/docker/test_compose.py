@@ -22,7 +22,6 @@ from packaging.specifiers import SpecifierSet
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import docker_helpers as dh  # noqa: E402
-
 from config.settings import Settings  # noqa: E402
 
 
@@ -222,7 +221,8 @@ def test_native_overlay_changes_only_the_peer_addresses(tmp_path: Path) -> None:
 
 def test_dockerfile_key_lines() -> None:
     text = dh.DOCKERFILE.read_text()
-    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
     assert lines[0] == "FROM python:3.11-slim-bookworm"  # Debian 12 + Python 3.11, what install.sh supports
     assert "ARG TORCH_VARIANT=cuda" in lines
     run = next(ln for ln in lines if ln.startswith("RUN ") and "scripts/install.sh" in ln)

@@ -50,7 +50,8 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         if not peers.have(program):
             pytest.fail(f"{program} is not installed: scripts/install.sh --test installs the peers the tests need")
     if not Path(dh.ORTHANC_HOST_VARIABLES["ORTHANC_PLUGINS_DIR"], "libOrthancDicomWeb.so").exists():
-        pytest.fail("Orthanc's DICOMweb plugin is missing (apt-get install orthanc-dicomweb; scripts/install.sh --test)")
+        pytest.fail("Orthanc's DICOMweb plugin is missing "
+                    "(apt-get install orthanc-dicomweb; scripts/install.sh --test)")
     node_dimse, node_http = peers.free_port(), peers.free_port()
     started: list[peers.Proc] = []
     try:
@@ -88,7 +89,8 @@ def test_orthanc_routes_stable_series_to_node_and_seg_comes_back(stack: dict[str
             return []
 
     assert peers.wait_until(lambda: len(node_instances()) == len(phantom.paths), timeout=60, interval=0.5), (
-        f"the node did not receive the series from Orthanc\n{dh.orthanc_log(orthanc)[-3000:]}\n{node.log_text()[-3000:]}")
+        "the node did not receive the series from Orthanc\n"
+        f"{dh.orthanc_log(orthanc)[-3000:]}\n{node.log_text()[-3000:]}")
     orthanc_series = peers.orthanc_request(orthanc, "POST", "/tools/lookup", series_uid.encode())
     orthanc_series_id = orthanc_series[0]["ID"]
     assert f"ainode-route: series {orthanc_series_id} -> AINODE, job " in dh.orthanc_log(orthanc)
@@ -187,7 +189,8 @@ def test_routing_failure_is_reported_and_resubmit_delivers(tmp_path: Path) -> No
         job_id = line.split("ainode-route: job ", 1)[1].split()[0]
         assert f"/jobs/{job_id}/resubmit" in line
         assert peers.orthanc_get(orthanc, f"/jobs/{job_id}")["State"] == "Failure"
-        assert [j["ID"] for j in peers.orthanc_get(orthanc, "/jobs?expand") if j["Type"] == "DicomModalityStore"] == [job_id]
+        assert [j["ID"] for j in peers.orthanc_get(orthanc, "/jobs?expand")
+                if j["Type"] == "DicomModalityStore"] == [job_id]
 
         config = dh.native_node_toml(tmp_path / "ainode.toml", orthanc_dicom_port=orthanc.port,
                                      orthanc_http_port=orthanc.http_port)

@@ -79,9 +79,9 @@ def start_node(data_dir: Path, *, config: Path | None = None, env: dict[str, str
     proc = peers.start_node(data_dir, port=port, extra_env=full_env, config=config)
     try:
         peers.wait_tcp(http_port, timeout=30, proc=proc.popen)
-    except Exception:
+    except Exception as exc:
         proc.stop(signal.SIGKILL)
-        raise RuntimeError("ainode serve did not open HTTP:\n" + proc.log_text()[-3000:])
+        raise RuntimeError("ainode serve did not open HTTP:\n" + proc.log_text()[-3000:]) from exc
     return Node(proc, data_dir, http_port, config, dict(env or {}))
 
 
@@ -303,10 +303,10 @@ def restart_orthanc(old: peers.Proc) -> peers.Proc:
         try:
             peers.orthanc_get(proc, "/system")
             break
-        except OSError:
+        except OSError as exc:
             if p.poll() is not None or time.monotonic() > deadline:
                 proc.stop()
-                raise RuntimeError("Orthanc did not restart:\n" + proc.log_text()[-2000:])
+                raise RuntimeError("Orthanc did not restart:\n" + proc.log_text()[-2000:]) from exc
             time.sleep(0.05)
     peers.wait_tcp(proc.port, proc=p)
     return proc

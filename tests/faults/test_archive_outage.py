@@ -6,13 +6,20 @@ import signal
 from pathlib import Path
 
 import pytest
-from faults_helpers import (
-    Node, assert_consistent, delivered_count, make_phantom, orthanc_copies, restart_orthanc, start_node, wait_for,
-    write_config,
-)
 
 import peers
 from dicom_io.scu import Peer, send_instances
+from faults_helpers import (
+    Node,
+    assert_consistent,
+    delivered_count,
+    make_phantom,
+    orthanc_copies,
+    restart_orthanc,
+    start_node,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.peers
 
@@ -61,7 +68,7 @@ timeout = 5
 
         orthanc = restart_orthanc(orthanc)  # same storage and ports
         for rec in (second, third):
-            wait_for(lambda: delivery(rec)["state"] == "delivered", 30, "delivery after the outage")
+            wait_for(lambda rec=rec: delivery(rec)["state"] == "delivered", 30, "delivery after the outage")
         segs = [r["seg_sop_instance_uid"] for r in (first, second, third)]
         for uid in segs:
             assert orthanc_copies(orthanc, uid) == (1, 1), uid

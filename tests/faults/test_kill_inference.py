@@ -7,13 +7,20 @@ import time
 from pathlib import Path
 
 import pytest
-from faults_helpers import (
-    Node, assert_consistent, delivered_count, make_phantom, orthanc_copies, restart_orthanc, start_node, wait_for,
-    write_config,
-)
 
 import peers
 from dicom_io.scu import Peer, send_instances
+from faults_helpers import (
+    Node,
+    assert_consistent,
+    delivered_count,
+    make_phantom,
+    orthanc_copies,
+    restart_orthanc,
+    start_node,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -73,8 +80,8 @@ timeout = 5
         assert [p.name for p in (data_dir / "results" / running["id"]).iterdir()] == ["result.json"]
         # Both finished results are delivered after the restart.
         for rec in results:
-            wait_for(lambda: node.call("GET", f"/v1/segmentations/{rec['id']}")[1]["deliveries"]["PACS"]["state"]
-                     == "delivered", 30, "a pending result to be delivered")
+            wait_for(lambda rec=rec: node.call("GET", f"/v1/segmentations/{rec['id']}")[1]
+                     ["deliveries"]["PACS"]["state"] == "delivered", 30, "a pending result to be delivered")
         # The client submits the interrupted job again.
         code, again = node.call("POST", "/v1/segmentations", {**body, "mode": "3d"})
         assert code == 201 and again["state"] == "done", again

@@ -6,12 +6,18 @@ import threading
 from pathlib import Path
 
 import pytest
-from faults_helpers import (
-    ThrottledProxy, assert_consistent, indexed_sops, orthanc_dicomweb, orthanc_upload, start_node, wait_for,
-    write_config,
-)
 
 import peers
+from faults_helpers import (
+    ThrottledProxy,
+    assert_consistent,
+    indexed_sops,
+    orthanc_dicomweb,
+    orthanc_upload,
+    start_node,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.peers
 

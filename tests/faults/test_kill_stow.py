@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from faults_helpers import assert_consistent, connect, http_call, indexed_sops, start_node, wait_for
 
 import peers
 from dicom_io.store import Store
+from faults_helpers import assert_consistent, connect, http_call, indexed_sops, start_node, wait_for
 
 
 def _multipart(paths: list[Path], boundary: str) -> list[bytes]:
@@ -90,7 +90,7 @@ def test_kill_9_during_a_chunked_stow(tmp_path: Path) -> None:
         store = Store(data_dir / "store")  # a reader beside the running node
         try:
             # Nothing of the interrupted request was acknowledged; whatever was stored is complete.
-            by_uid = dict(zip(big.sop_uids, big.paths))
+            by_uid = dict(zip(big.sop_uids, big.paths, strict=True))
             for uid in held & set(big.sop_uids):
                 rec = store.instance(uid)
                 assert rec is not None
@@ -123,7 +123,7 @@ def test_kill_9_during_parallel_stow_requests_loses_nothing_acknowledged(tmp_pat
     enough = threading.Event()
 
     def client(k: int) -> None:
-        for path, uid in zip(series[k].paths, series[k].sop_uids):
+        for path, uid in zip(series[k].paths, series[k].sop_uids, strict=False):
             try:
                 code, _body = _stow(node.http_port, [path])
             except OSError:
@@ -151,7 +151,7 @@ def test_kill_9_during_parallel_stow_requests_loses_nothing_acknowledged(tmp_pat
         assert_consistent(data_dir)
         store = Store(data_dir / "store")
         try:
-            by_uid = {uid: p for s in series for uid, p in zip(s.sop_uids, s.paths)}
+            by_uid = {uid: p for s in series for uid, p in zip(s.sop_uids, s.paths, strict=False)}
             for uid in answered:
                 rec = store.instance(uid)
                 assert rec is not None, f"acknowledged instance {uid} lost"

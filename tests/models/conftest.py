@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,9 +14,8 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from models.base import ImageVolume  # noqa: E402
-
 from model_test_utils import make_phantom  # noqa: E402
+from models.base import ImageVolume  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,5 +35,11 @@ def litemedsam():
 
 @pytest.fixture(scope="session")
 def compile_cache_dir(tmp_path_factory):
-    """One encoder-cache folder for every test that compiles: Inductor picks its cache folder once per process."""
-    return tmp_path_factory.mktemp("encoder-cache")
+    """One encoder-cache folder for every test that compiles: Inductor picks its cache folder once per process.
+
+    Inductor caches where TORCHINDUCTOR_CACHE_DIR points; ``ainode serve`` sets it to ``<folder>/inductor``
+    (node.service.serve), and so does this fixture, for the rest of the test process.
+    """
+    folder = tmp_path_factory.mktemp("encoder-cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    return folder

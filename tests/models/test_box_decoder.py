@@ -73,7 +73,7 @@ def _compare_with_eager(model: LiteMedSAM, decoders: list, phantom) -> int:
                 assert float((got_l - want_l).abs().max()) < 1e-3, name
                 assert float((got_iou - want_iou).abs().max()) < 1e-4, name
                 got, want = _masks(got_l, hw, sl.shape), _masks(want_l, hw, sl.shape)
-                for g, w in zip(got.reshape(-1, *sl.shape), want.reshape(-1, *sl.shape)):
+                for g, w in zip(got.reshape(-1, *sl.shape), want.reshape(-1, *sl.shape), strict=True):
                     n_masks += 1
                     assert dice(g, w) >= 0.999 if w.any() else not g.any(), name
     return n_masks

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from config.settings import LiteMedSAMSettings, ModelSettings
+from model_test_utils import MID, bbox_prompt_coords, dice
 from models.base import BoxPrompt, ImageVolume, ModelError, PointPrompt, PromptError, Prompts
 from models.litemedsam import LiteMedSAM
-
-from model_test_utils import MID, bbox_prompt_coords, dice
 
 
 def _box(mask2d: np.ndarray, k: int, positive: bool = True) -> BoxPrompt:
@@ -162,7 +161,8 @@ def test_mr_modality_uses_percentiles(litemedsam: LiteMedSAM, phantom) -> None:
 def box3d(litemedsam: LiteMedSAM, phantom):
     image, a, _ = phantom
     calls: list[tuple[int, int]] = []
-    result = litemedsam.segment(image, Prompts(boxes=(_box(a[MID], MID),)), "3d", progress=lambda d, t: calls.append((d, t)))
+    result = litemedsam.segment(image, Prompts(boxes=(_box(a[MID], MID),)), "3d",
+                                progress=lambda d, t: calls.append((d, t)))
     return result, calls
 
 

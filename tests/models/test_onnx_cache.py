@@ -31,7 +31,8 @@ def test_the_second_load_reads_the_exports_from_the_cache(tmp_path, monkeypatch)
     first = _load(tmp_path)
     assert first.backends() == {"encoder": "onnx", "decoder": "onnx"}
     folder = tmp_path / "encoder-cache" / "onnx"
-    assert sorted(p.name.rsplit("-", 1)[0] for p in folder.glob("*.onnx")) == ["decoder", "decoder-multimask", "encoder"]
+    assert (sorted(p.name.rsplit("-", 1)[0] for p in folder.glob("*.onnx"))
+            == ["decoder", "decoder-multimask", "encoder"])
     assert sorted(p.name.rsplit("-", 1)[0] for p in folder.glob("*.ref.npz")) == ["decoder-probe", "encoder-probe"]
     monkeypatch.setattr(encoders, "export_onnx", _no_export)
     monkeypatch.setattr(decoders, "export_onnx", _no_export)
@@ -112,7 +113,7 @@ def test_cached_reference_keys_on_weights_and_inputs_and_checks_its_crc(tmp_path
     x, y = torch.ones(5), torch.zeros(5)
     first = cached_reference(tmp_path, "probe", "w1", [x], compute(1.0))
     again = cached_reference(tmp_path, "probe", "w1", [x], compute(9.0))  # read back, not computed
-    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert float(cached_reference(tmp_path, "probe", "w1", [y], compute(2.0))[0][0, 0]) == 2.0  # other inputs
     assert float(cached_reference(tmp_path, "probe", "w2", [y], compute(3.0))[0][0, 0]) == 3.0  # other weights
     assert len(list((tmp_path / "onnx").glob("probe-*.ref.npz"))) == 1  # the older ones removed

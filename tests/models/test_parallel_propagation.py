@@ -10,10 +10,9 @@ import threading
 import numpy as np
 import pytest
 
+from model_test_utils import MID, bbox_prompt_coords, dice
 from models.base import BoxPrompt, PointPrompt, Prompts
 from models.litemedsam import LiteMedSAM
-
-from model_test_utils import MID, bbox_prompt_coords, dice
 
 
 def _box(mask2d: np.ndarray, k: int) -> BoxPrompt:
@@ -45,7 +44,8 @@ def test_parallel_chains_give_exactly_the_sequential_result(litemedsam: LiteMedS
         "box": Prompts(boxes=(_box(a[MID], MID),)),
         "click": Prompts(points=(PointPrompt(83, 58, MID),)),
         "two prompted slices (four chains)": Prompts(boxes=(_box(a[MID - 4], MID - 4), _box(a[MID + 4], MID + 4))),
-        "negative click": Prompts(boxes=(_box(a[MID] | b[MID], MID),), points=(PointPrompt(83, 58, MID, positive=False),)),
+        "negative click": Prompts(boxes=(_box(a[MID] | b[MID], MID),),
+                                  points=(PointPrompt(83, 58, MID, positive=False),)),
     }
     for name, prompts in cases.items():
         monkeypatch.setattr(dec, "_lane_fns", [counting(0), counting(1)])
@@ -53,7 +53,7 @@ def test_parallel_chains_give_exactly_the_sequential_result(litemedsam: LiteMedS
         ticks: list[tuple[int, int]] = []
         litemedsam._memo.clear()
         litemedsam._memo_bytes = 0
-        side_by_side = litemedsam.segment(image, prompts, "3d", progress=lambda d, t: ticks.append((d, t)))
+        side_by_side = litemedsam.segment(image, prompts, "3d", progress=lambda d, t, ticks=ticks: ticks.append((d, t)))
         assert used[0] > 0 and used[1] > 0, (name, used)  # both lanes decoded
         monkeypatch.setattr(dec, "_lane_fns", [])  # no lanes: one chain after the other
         assert dec.lanes == 0

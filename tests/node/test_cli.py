@@ -31,7 +31,8 @@ def _lesion_slice_and_box(ph: Phantom) -> tuple[int, tuple[int, int, int, int]]:
 
 
 @pytest.mark.slow
-def test_segment_2d_box_writes_nifti_and_seg(phantom: Phantom, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_segment_2d_box_writes_nifti_and_seg(phantom: Phantom, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     k, (x0, y0, x1, y1) = _lesion_slice_and_box(phantom)
     series_dir = phantom.paths[0].parent
     code = main(["segment", str(series_dir), "--box", f"{x0},{y0},{x1},{y1}@{k}", "--2d",

@@ -137,7 +137,7 @@ def _check_everything_accepted(node: Any, series: peers.CtSeries, more: peers.Ct
     rsp = _stow(node, more.paths[2:])
     assert rsp.status_code == 200, rsp.text
     assert store.count() == len(series.paths) + len(more.paths)
-    for path, uid in zip(more.paths, more.sop_uids):
+    for uid in more.sop_uids:
         rec = store.instance(uid)
         assert rec is not None and rec.path.read_bytes()[132:] != b"" and rec.size > 0
     assert _leftovers(store.root) == []

@@ -30,6 +30,8 @@ def test_serve_loads_the_default_model_at_start_when_asked(tmp_path: Path) -> No
         assert q is not None and q["available"] and q["failed"] == 0
         # the suite runs the `fused` encoder, so nothing compiles; under serve's default it would be compiling
         assert q["backends"] == {"encoder": "fused", "decoder": "eager"}
+        # the entry point (node.service.serve) freezes the long-lived objects once the model has loaded
+        assert peers.wait_until(lambda: "left out of garbage collection" in node.log.read_text(), timeout=60)
     finally:
         node.stop(signal.SIGTERM)
     assert "loading model litemedsam in the background" in node.log.read_text()

@@ -79,7 +79,7 @@ def test_refusals_transient_and_permanent(tmp_path: Path, recorder: peers.Record
     recorder.refuse = {series.sop_uids[0]: status.OUT_OF_RESOURCES, series.sop_uids[1]: status.CANNOT_UNDERSTAND}
     recorder.start()
     outbox = Outbox(tmp_path / "outbox.sqlite", settings)
-    for p, uid in zip(series.paths, series.sop_uids):
+    for p, uid in zip(series.paths, series.sop_uids, strict=True):
         outbox.enqueue(uid, p, ["PEER"])
     outbox.enqueue(series.sop_uids[2], series.paths[2], ["NOWHERE"])
     counts = outbox.deliver_due()

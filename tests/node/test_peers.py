@@ -30,7 +30,8 @@ def test_dcmtk_echoscu_and_storescu_directory(node: Any, tmp_path: Path) -> None
     series = peers.make_ct_series(tmp_path / "ct", n=12, rows=32, cols=32)
     r = _dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "AINODE", "127.0.0.1", str(node.port))
     assert r.returncode == 0, r.stderr
-    r = _dcmtk("storescu", "-aet", "STORESCU", "-aec", "AINODE", "+sd", "127.0.0.1", str(node.port), str(series.paths[0].parent))
+    r = _dcmtk("storescu", "-aet", "STORESCU", "-aec", "AINODE", "+sd", "127.0.0.1", str(node.port),
+               str(series.paths[0].parent))
     assert r.returncode == 0, r.stderr
     assert {i.sop_instance_uid for i in node.store.instances(series.series_uid)} == set(series.sop_uids)
     assert node.store.get_series(series.series_uid).calling_ae_title == "STORESCU"

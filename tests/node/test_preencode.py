@@ -84,7 +84,7 @@ def test_stable_series_is_preencoded_and_a_restart_reuses_it(start_node: Any, tm
 
 
 def test_interactive_work_preempts_preencoding(model: Any, tmp_path: Path) -> None:
-    from node.inference import INTERACTIVE, DONE, InferencePool, Preencoder
+    from node.inference import DONE, INTERACTIVE, InferencePool, Preencoder
     from node.pipeline import image_volume
 
     settings = Settings(data_dir=str(tmp_path), model=ModelSettings(device="cpu"))

@@ -35,7 +35,7 @@ def test_kill_9_mid_transfer_keeps_every_acknowledged_instance(tmp_path: Path) -
         assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
         assert assoc.is_established
         killer = threading.Timer(0.0, lambda: None)
-        for i, (path, uid) in enumerate(zip(series.paths, series.sop_uids)):
+        for i, (path, uid) in enumerate(zip(series.paths, series.sop_uids, strict=True)):
             if i == 15:
                 # Kill while the next instances are on the wire / being written.
                 killer = threading.Timer(0.005, node.stop, args=(signal.SIGKILL,))
@@ -68,7 +68,7 @@ def test_kill_9_mid_transfer_keeps_every_acknowledged_instance(tmp_path: Path) -
         assert echo(Peer("AINODE", "127.0.0.1", node.port, calling_ae_title="CHECK")).ok
         store = Store(data_dir / "store")  # a reader beside the running node, as `ainode ls` is
         by_uid = {p.name: p for p in series.paths}
-        for uid, path in zip(series.sop_uids, series.paths):
+        for uid, path in zip(series.sop_uids, series.paths, strict=True):
             rec = store.instance(uid)
             if uid in acked:
                 assert rec is not None, f"acknowledged instance {uid} lost"
@@ -129,7 +129,7 @@ def test_kill_9_during_four_concurrent_associations_loses_nothing_acknowledged(t
         assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
         try:
             assert assoc.is_established
-            for path, uid in zip(series[k].paths, series[k].sop_uids):
+            for path, uid in zip(series[k].paths, series[k].sop_uids, strict=False):
                 try:
                     rsp = assoc.send_c_store(path)
                 except Exception:
@@ -170,7 +170,7 @@ def test_kill_9_during_four_concurrent_associations_loses_nothing_acknowledged(t
         assert echo(Peer("AINODE", "127.0.0.1", node.port, calling_ae_title="CHECK")).ok
         store = Store(data_dir / "store")
         for k in range(senders):
-            for uid, path in zip(series[k].sop_uids, series[k].paths):
+            for uid, path in zip(series[k].sop_uids, series[k].paths, strict=False):
                 rec = store.instance(uid)
                 if uid in acked[k]:
                     assert rec is not None, f"acknowledged instance {uid} (association {k}) lost"

@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-import peers
 import pytest
 
+import peers
 from config.settings import Settings
 from dicom_io.phantom import write_phantom_series
 from dicom_io.scu import Peer, send_instances

@@ -51,7 +51,7 @@ def test_echo_and_store_are_durable_and_indexed(node: Any, ct_series: peers.CtSe
     assert store.count() == len(ct_series.paths)
     [ser] = store.series()
     assert ser.series_instance_uid == ct_series.series_uid and ser.calling_ae_title == "TESTSCU"
-    for path, uid in zip(ct_series.paths, ct_series.sop_uids):
+    for path, uid in zip(ct_series.paths, ct_series.sop_uids, strict=True):
         rec = store.instance(uid)
         assert rec is not None
         # The stored file is a valid Part 10 file whose data set bytes are exactly what was sent.
@@ -183,7 +183,7 @@ def test_fast_store_response_encoding_matches_pynetdicom() -> None:
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from node.scp import _encode_store_rsp
+    from dicom_io.pynetdicom_speedups import encode_store_rsp
 
     for code, inst in ((status.SUCCESS, "1.2.3.4"), (status.CANNOT_DECODE, "1.2.3.45")):
         rsp = C_STORE()
@@ -194,7 +194,7 @@ def test_fast_store_response_encoding_matches_pynetdicom() -> None:
         msg = C_STORE_RSP()
         msg.primitive_to_message(rsp)
         [pdata] = list(msg.encode_msg(1, 0))
-        assert b"\x03" + _encode_store_rsp(rsp) == pdata.presentation_data_value_list[0][1]
+        assert b"\x03" + encode_store_rsp(rsp) == pdata.presentation_data_value_list[0][1]
 
 
 def test_concurrent_associations_and_racing_duplicates(node: Any, tmp_path: Path) -> None:
@@ -242,7 +242,7 @@ def test_fast_store_request_decoding_matches_pynetdicom() -> None:
     from pynetdicom.dimse_messages import C_STORE_RQ
     from pynetdicom.dimse_primitives import C_STORE
 
-    from node.scp import _decode_store_rq
+    from dicom_io.pynetdicom_speedups import decode_store_rq
 
     rq = C_STORE()
     rq.MessageID = 12
@@ -255,11 +255,11 @@ def test_fast_store_request_decoding_matches_pynetdicom() -> None:
     msg = C_STORE_RQ()
     msg.primitive_to_message(rq)
     command_pdata = list(msg.encode_msg(1, 0))[0]
-    got = _decode_store_rq(command_pdata.presentation_data_value_list[0][1][1:])
+    got = decode_store_rq(command_pdata.presentation_data_value_list[0][1][1:])
     assert got is not None
     for name in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
                  "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID"):
         assert getattr(got, name) == getattr(rq, name), name
     # Anything else (a C-ECHO-RQ, garbage) is left to pynetdicom.
-    assert _decode_store_rq(b"\x00\x00\x00\x01\x02\x00\x00\x00\x30\x00") is None
-    assert _decode_store_rq(b"\x01\x02") is None
+    assert decode_store_rq(b"\x00\x00\x00\x01\x02\x00\x00\x00\x30\x00") is None
+    assert decode_store_rq(b"\x01\x02") is None

@@ -1,4 +1,5 @@
-"""Label Map SEGs on the way out and in: per-destination form, fallback to BINARY once (remembered), the node's own SCP/STOW/WADO."""
+"""Label Map SEGs on the way out and in: per-destination form, fallback to BINARY once (remembered), the node's
+own SCP/STOW/WADO."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import peers
 import pydicom
 import pytest
 from starlette.applications import Starlette
@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import peers
 from config.settings import DestinationSettings, HttpSettings, SegSettings, Settings
 from dicom_io.phantom import write_phantom_series
 from dicom_io.scu import Peer, send_instances
@@ -56,8 +57,9 @@ def _write(series: Series, settings: Settings, out: Path, destinations: list[str
     return written
 
 
-def test_dimse_auto_label_map_where_negotiated_binary_where_not(series: Series, recorder: peers.RecorderSCP,
-                                                                 tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_dimse_auto_label_map_where_negotiated_binary_where_not(
+    series: Series, recorder: peers.RecorderSCP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     old = peers.start_storescp(tmp_path / "old-in", tmp_path / "storescp.log", ae_title="OLDPACS")  # dcmtk 3.6.7
     try:
         settings = dataclasses.replace(

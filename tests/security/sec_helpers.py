@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import (
-    ApiSettings, HttpSettings, LiteMedSAMSettings, ModelSettings, Secret, Settings, StoreSettings,
+    ApiSettings,
+    HttpSettings,
+    LiteMedSAMSettings,
+    ModelSettings,
+    Secret,
+    Settings,
+    StoreSettings,
 )
 
 #: Tokens of the role-walk tests: one user per role set.

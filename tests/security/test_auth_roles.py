@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sec_helpers import TOKEN_ENTRIES, TOKENS, concrete, settings_for, walk_routes
 
 from config.settings import Secret, Settings
 from node.api.auth import ADMIN, DEFAULT_ROLES, PUBLIC, READ, SEGMENT, declared_role, parse_tokens
+from sec_helpers import TOKEN_ENTRIES, TOKENS, concrete, settings_for, walk_routes
 
 #: Routes answered without a token (docs/security.md): liveness, the API description, the static prompt
 #: page and viewer bundles. Anything else returning data must need a role.
@@ -155,13 +155,13 @@ def test_auth_off_lets_everything_through(make_app: Any, tmp_path: Path) -> None
 
 
 def test_malformed_tokens_stop_start_up(tmp_path: Path) -> None:
+    from config.settings import ConfigError
     from dicom_io.store import Store
     from node.app import create_app
-    from node.errors import ConfigurationError
 
     store = Store.open(tmp_path / "store", durable=False)
     try:
-        with pytest.raises(ConfigurationError, match=r"api.tokens\[1\] \(user 'bob'\): unknown role") as exc:
+        with pytest.raises(ConfigError, match=r"api.tokens\[1\] \(user 'bob'\): unknown role") as exc:
             create_app(settings_for(tmp_path, tokens=(Secret("alice:ok-1"), Secret("bob:raed:s3cr3t"))), store)
         assert "s3cr3t" not in str(exc.value)
     finally:

@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import peers
 import pydicom
 import pytest
-from api_helpers import make_phantom_series
 from pynetdicom.dsutils import split_dataset
-from sec_helpers import settings_for
 
+import peers
+from api_helpers import make_phantom_series
 from config.settings import HttpSettings
 from dicom_io.scu import Peer, echo, send_instances
 from dicom_io.store import Store
 from node import status
+from sec_helpers import settings_for
 
 DATA = Path(__import__("data_store").__file__).parent / "data"
 SEED = 20261122

@@ -8,9 +8,8 @@ from typing import Any
 
 import peers
 from api_helpers import make_phantom_series
-from phi import all_loggers_at_debug, scan, with_canary
-
 from dicom_io.scu import Peer, client_tls_context, echo, send_instances
+from phi import all_loggers_at_debug, scan, with_canary
 
 
 def test_refused_associations_are_logged_without_patient_data(start_node: Any, tmp_path: Path) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import schemathesis
-from api_helpers import make_phantom_series
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis import checks as st_checks
+
+from api_helpers import make_phantom_series
 from sec_helpers import settings_for
 
 EXAMPLES = int(os.environ.get("AINODE_FUZZ_EXAMPLES", "6"))  # a deeper local run: AINODE_FUZZ_EXAMPLES=100
@@ -59,17 +60,19 @@ def test_rest_api_fuzzed_from_openapi(tmp_path: Path) -> None:
                           suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
                 @given(case=op.as_strategy(generation_mode=mode))
                 def run(case: Any) -> None:
+                    # `op` and `mode` come from the enclosing loops on purpose (the B023 noqa below): run() is
+                    # called right after its definition, within the same iteration.
                     nonlocal calls
                     t0 = time.monotonic()
                     response = case.call()
                     calls += 1
                     took = time.monotonic() - t0
                     if took > MAX_SECONDS:
-                        slow.append(f"{op.method.upper()} {op.path}: {took:.1f} s")
+                        slow.append(f"{op.method.upper()} {op.path}: {took:.1f} s")  # noqa: B023
                     try:
                         case.validate_response(response, checks=CHECKS)
                     except Exception as exc:  # noqa: BLE001 - collected, reported together below
-                        failures.append(f"{op.method.upper()} {op.path} [{mode.value}] -> {response.status_code}: "
+                        failures.append(f"{op.method.upper()} {op.path} [{mode.value}] -> {response.status_code}: "  # noqa: B023
                                         f"{str(exc)[:400]}")
 
                 try:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_helpers import make_phantom_series
-from hostile import damaged_nifti_gz, nested_json, zip_of_copies
-from sec_helpers import settings_for
 
+from api_helpers import make_phantom_series
 from config.settings import InputSettings
 from dicom_io.sources import is_dicom_file
+from hostile import damaged_nifti_gz, nested_json, zip_of_copies
+from sec_helpers import settings_for
 
 
 @pytest.fixture

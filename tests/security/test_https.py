@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import peers
 import pytest
 
-from config.settings import ApiSettings, HttpSettings, Secret
-from node.errors import ConfigurationError
+import peers
+from config.settings import ApiSettings, ConfigError, HttpSettings, Secret
 
 
 def _https_node(start_node: Any, tmp_path: Path, ca: dict[str, Path], *, mutual: bool) -> Any:
@@ -77,9 +76,9 @@ def test_https_client_certificates(start_node: Any, tmp_path: Path) -> None:
 def test_https_settings_errors(tmp_path: Path) -> None:
     from node.app import HttpServer
 
-    with pytest.raises(ConfigurationError, match="tls_cert .* is not a readable file"):
+    with pytest.raises(ConfigError, match="tls_cert .* is not a readable file"):
         HttpServer(object(), "127.0.0.1", 0, tls_cert=str(tmp_path / "missing.pem"))
-    with pytest.raises(ConfigurationError, match="http.tls_cert is empty"):
+    with pytest.raises(ConfigError, match="http.tls_cert is empty"):
         HttpServer(object(), "127.0.0.1", 0, tls_key=str(tmp_path / "k.pem"))
 
 

@@ -8,21 +8,22 @@ started with ``--log-level DEBUG`` / ``AINODE_LOG_LEVEL=DEBUG``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
-import peers
 import pydicom
 import pytest
-from api_helpers import make_phantom_series
-from dw_helpers import DICOMWEB_PLUGIN, start_orthanc_dicomweb, upload
-from phi import CANARY, all_loggers_at_debug, leaks, make_sr, scan, with_canary
 
+import peers
+from api_helpers import make_phantom_series
 from config.settings import ApiSettings, DestinationSettings, HttpSettings
 from dicom_io.scu import Peer, send_instances
+from dw_helpers import DICOMWEB_PLUGIN, start_orthanc_dicomweb, upload
+from phi import CANARY, all_loggers_at_debug, leaks, make_sr, scan, with_canary
 
 pytestmark = pytest.mark.peers
 
@@ -100,7 +101,7 @@ def test_in_process_paths_log_no_patient_identifiers(start_node: Any, orthanc: A
         assert 400 <= r.status_code < 500, r.text
         # A session on the STOWed series (the MONAI Label / OHIF-AI flavour).
         r = httpx.post(f"{base}/infer/sam_2d?image={b.series_instance_uid}&output=json", timeout=300,
-                       files={"params": (None, '{"foreground": [[%d, %d, %d]]}' % (*[int(v) for v in b.center], b.k))})
+                       files={"params": (None, json.dumps({"foreground": [[*(int(v) for v in b.center), b.k]]}))})
         assert r.status_code == 200, r.text
         # QIDO / WADO on the node (answers carry the identifiers; the logs must not).
         assert httpx.get(f"{base}/dicomweb/studies", params={"PatientID": CANARY["PatientID"]}).status_code == 200

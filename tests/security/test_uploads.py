@@ -12,14 +12,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import peers
 import pytest
-from api_helpers import make_phantom_series
-from sec_helpers import settings_for
 
+import peers
+from api_helpers import make_phantom_series
 from config.settings import ApiSettings, HttpSettings
 from dicom_io.errors import UnsafeArchiveError
 from dicom_io.sources import RATIO_FLOOR_BYTES, extract_zip
+from sec_helpers import settings_for
 
 LIMIT = 64 * 1024
 
