@@ -18,7 +18,7 @@ from dicom_io.scu import StoreResult
 from dicom_io.store import Store
 from dicom_io.xnat import XnatClient, XnatPullResult
 from node.destinations import KINDS, lookup, open_destination
-from node.errors import ConfigurationError
+from node.errors import ConfigError
 
 _C = TypeVar("_C")
 
@@ -45,7 +45,7 @@ def destination(name: str, settings: Settings) -> DestinationSettings:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When it is not configured or its ``kind`` is unknown.
     """
     return lookup(name, settings)
@@ -56,7 +56,7 @@ def open_dicomweb(name: str, settings: Settings) -> DicomwebClient:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When the destination is missing, of another kind, or its settings are unusable.
     """
     return _open(name, settings, DicomwebClient.from_settings)
@@ -67,7 +67,7 @@ def open_xnat(name: str, settings: Settings) -> XnatClient:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When the destination is missing, of another kind, or its settings are unusable.
     """
     return _open(name, settings, XnatClient.from_settings)
@@ -78,7 +78,7 @@ def _open(name: str, settings: Settings, factory: Callable[[str, Any], _C]) -> _
     try:
         return factory(name, dest)
     except (ValueError, OSError) as exc:
-        raise ConfigurationError(f"Destination '{name}': {exc}") from exc
+        raise ConfigError(f"Destination '{name}': {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def pull_dicomweb(settings: Settings, store: Store, archive: str, study_instance
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When ``archive`` is not a usable ``dicomweb`` destination.
     """
     with open_dicomweb(archive, settings) as client:
@@ -185,7 +185,7 @@ def pull_xnat(settings: Settings, store: Store, archive: str, session: str, scan
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When ``archive`` is not a usable ``xnat`` destination.
     """
     dest = destination(archive, settings)
@@ -213,7 +213,7 @@ def pull_xnat_by_uid(settings: Settings, store: Store, archive: str, study_insta
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When ``archive`` is not a usable ``xnat`` destination.
     """
     dest = destination(archive, settings)
@@ -242,11 +242,11 @@ def send_to_destination(name: str, settings: Settings, paths: Sequence[Path],
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When the destination is missing, unusable, or of kind ``dimse``.
     """
     if lookup(name, settings).kind == "dimse":
-        raise ConfigurationError(f"Destination '{name}' is a DIMSE peer; use node.destinations.open_destination.")
+        raise ConfigError(f"Destination '{name}' is a DIMSE peer; use node.destinations.open_destination.")
     return open_destination(name, settings, origins).send(list(paths))
 
 
@@ -255,7 +255,7 @@ def deliver(name: str, settings: Settings, paths: Sequence[Path]) -> list[StoreR
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When the destination is missing or unusable.
     """
     origins = Origins.for_settings(settings)

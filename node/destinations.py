@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from config.settings import DestinationSettings, Settings
 from dicom_io.scu import Peer, StoreResult, client_tls_context, send_instances
-from node.errors import ConfigurationError
+from node.errors import ConfigError
 
 if TYPE_CHECKING:
     from node.archives import Origins
@@ -29,15 +29,15 @@ def lookup(name: str, settings: Settings) -> DestinationSettings:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When it is not configured or its ``kind`` is unknown.
     """
     dest = settings.destinations.get(name)
     if dest is None:
         known = ", ".join(sorted(settings.destinations)) or "none configured"
-        raise ConfigurationError(f"Destination '{name}' is not configured (known: {known}).")
+        raise ConfigError(f"Destination '{name}' is not configured (known: {known}).")
     if dest.kind not in KINDS:
-        raise ConfigurationError(f"Destination '{name}' has kind '{dest.kind}'; use one of {', '.join(KINDS)}.")
+        raise ConfigError(f"Destination '{name}' has kind '{dest.kind}'; use one of {', '.join(KINDS)}.")
     return dest
 
 
@@ -46,7 +46,7 @@ def validate_names(names: Iterable[str], settings: Settings) -> list[str]:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When a name is not configured (or of an unknown kind).
     """
     out: list[str] = []
@@ -147,7 +147,7 @@ def open_destination(name: str, settings: Settings, origins: Origins | None = No
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When the destination is missing, of an unknown kind, or its settings are unusable.
     """
     dest = lookup(name, settings)
@@ -158,7 +158,7 @@ def open_destination(name: str, settings: Settings, origins: Origins | None = No
     try:
         return DimseDestination.from_settings(name, dest, settings)
     except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"Destination '{name}': {exc}") from exc
+        raise ConfigError(f"Destination '{name}': {exc}") from exc
 
 
 __all__ = ["KINDS", "Destination", "DicomwebDestination", "DimseDestination", "OnResponse", "XnatDestination",

@@ -20,8 +20,4 @@ class StoreBusyError(NodeError):
     """Another ``ainode serve`` already owns the store directory."""
 
 
-#: The name node.archives, node.outbox and node.api.core still import while issue #19's concurrent
-#: branches (Destination interface, result writer) land; the same class as :class:`ConfigError`.
-ConfigurationError = ConfigError
-
-__all__ = ["ConfigError", "ConfigurationError", "NodeError", "StoreBusyError"]
+__all__ = ["ConfigError", "NodeError", "StoreBusyError"]

@@ -20,7 +20,7 @@ from dicom_io.scu import Peer, StoreResult
 from dicom_io.store import KIND_RESULT, InstanceValidationError, Store
 from node import status
 from node.destinations import Destination, DimseDestination, lookup, open_destination, validate_names
-from node.errors import ConfigurationError
+from node.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +83,12 @@ def destination_peer(name: str, settings: Settings) -> Peer:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When ``name`` is not configured or not a DIMSE peer.
     """
     dest = lookup(name, settings)
     if dest.kind != "dimse":
-        raise ConfigurationError(f"Destination '{name}' is of kind '{dest.kind}', not a DIMSE peer.")
+        raise ConfigError(f"Destination '{name}' is of kind '{dest.kind}', not a DIMSE peer.")
     return DimseDestination.from_settings(name, dest, settings).peer
 
 
@@ -295,7 +295,7 @@ class Outbox:
         counts = {DELIVERED: 0, FAILED: 0, PENDING: 0}
         try:
             target = self.destination_for(dest)
-        except (ConfigurationError, OSError, ValueError) as exc:
+        except (ConfigError, OSError, ValueError) as exc:
             for e in entries:
                 counts[self._record(e, None, str(exc), permanent=True)] += 1
             return counts
@@ -331,7 +331,7 @@ class Outbox:
 
         try:
             results: list[StoreResult] = list(target.send(paths, on_response=committed))
-        except ConfigurationError as exc:
+        except ConfigError as exc:
             for i, e in enumerate(present):
                 if i not in recorded:
                     counts[self._record(e, None, str(exc), permanent=True)] += 1
@@ -558,7 +558,7 @@ def queue_destinations(names: Iterable[str], settings: Settings) -> list[str]:
 
     Raises
     ------
-    ConfigurationError
+    ConfigError
         When a name is not configured.
     """
     return validate_names(names, settings)

@@ -36,7 +36,7 @@ from models.base import (
     SegmentationResult,
     Segmenter,
 )
-from node.errors import ConfigurationError
+from node.errors import ConfigError
 from node.inference import InferencePool, InferenceQueue, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class RayInferencePool(InferencePool):
     def __init__(self, settings: Settings) -> None:
         inf = settings.inference
         if inf.replicas < 1 or inf.replica_concurrency < 1:
-            raise ConfigurationError(f"inference.replicas ({inf.replicas}) and inference.replica_concurrency "
+            raise ConfigError(f"inference.replicas ({inf.replicas}) and inference.replica_concurrency "
                               f"({inf.replica_concurrency}) must be >= 1.")
         super().__init__(settings, lambda name, s: RemoteSegmenter(name, s))
 
@@ -338,7 +338,7 @@ def inference_pool(settings: Settings) -> InferencePool:
 
     Raises
     ------
-    node.errors.ConfigurationError
+    node.errors.ConfigError
         When the backend is unknown or the replica counts are below 1.
     """
     backend = settings.inference.backend.strip().lower()
@@ -346,7 +346,7 @@ def inference_pool(settings: Settings) -> InferencePool:
         return InferencePool(settings)
     if backend == "ray":
         return RayInferencePool(settings)
-    raise ConfigurationError(f"Config 'inference.backend' has value {settings.inference.backend[:40]!r}; "
+    raise ConfigError(f"Config 'inference.backend' has value {settings.inference.backend[:40]!r}; "
                       "expected 'local' or 'ray'.")
 
 

@@ -31,7 +31,7 @@ from dicom_io.series import Series, load_series
 from dicom_io.store import Store, is_valid_uid
 from models.base import BoxPrompt, Mode, PointPrompt, PromptError, Prompts, SegmentationResult, Segmenter
 from node.destinations import lookup
-from node.errors import ConfigurationError, NodeError
+from node.errors import ConfigError, NodeError
 from node.inference import BATCH, INTERACTIVE, InferencePool, Job, JobContext, Preencoder
 from node.pipeline import image_volume, safe_name
 from node.results import Written, queue_result, write_outputs
@@ -558,7 +558,7 @@ class ApiContext:
         archive = ref.archive or self.archive_name()
         try:
             dest = destination(archive, self.settings)
-        except ConfigurationError as exc:
+        except ConfigError as exc:
             raise bad(f"{where}.archive", str(exc)) from exc
         if dest.kind != "dicomweb":
             raise bad(f"{where}.archive", f"destination '{archive}' is of kind '{dest.kind}'; only dicomweb "
@@ -585,7 +585,7 @@ class ApiContext:
                 marker.unlink(missing_ok=True)
         except DicomwebError as exc:
             raise ApiError(502, f"{where}: archive '{archive}' failed: {exc}", where) from exc
-        except ConfigurationError as exc:
+        except ConfigError as exc:
             raise bad(f"{where}.archive", str(exc)) from exc
         except ValueError as exc:
             raise bad(where, str(exc)) from exc
@@ -834,7 +834,7 @@ class ApiContext:
                 raise bad(f"{where}[{n}]", f"destination {echo(name)} is not configured (known: {known}).")
             try:
                 lookup(name, self.settings)
-            except ConfigurationError as exc:
+            except ConfigError as exc:
                 raise bad(f"{where}[{n}]", str(exc)) from exc
             if name not in out:
                 out.append(name)
