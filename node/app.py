@@ -154,8 +154,12 @@ class HttpServer:
             if tls_ca:
                 tls.update(ssl_ca_certs=tls_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.tls = bool(tls)
+        # The event loop and HTTP parser are named, not "auto": uvicorn would otherwise switch to uvloop and
+        # httptools whenever they happen to be installed (ray[serve] pulls them in), and the node's HTTP
+        # behaviour (header limits, parsing of hostile requests: tests/security) would depend on that.
         self.config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                     lifespan="off", timeout_graceful_shutdown=5, **tls)
+                                     lifespan="off", timeout_graceful_shutdown=5, loop="asyncio", http="h11",
+                                     ws="none", **tls)
         self.server = uvicorn.Server(self.config)
         self._thread: threading.Thread | None = None
         self.host = host
