@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,11 @@ def test_a_failed_flush_fails_every_waiter_of_its_batch(tmp_path: Path, monkeypa
     # The segment that failed is retired: the next record goes to another one and is acknowledged.
     first_segment = journal._segments[0]
     assert first_segment.state == "full" and first_segment.poisoned_from is not None
+    # A spare segment is created by the journal's background thread; on a loaded machine it may not be there
+    # yet (the record would then take the direct path, seq None): wait for it.
+    deadline = time.monotonic() + 30
+    while not any(s.state == "free" for s in journal._segments) and time.monotonic() < deadline:
+        time.sleep(0.05)
     segment_fds.update(s.fd for s in journal._segments)
     seq = journal.append(b"{}", [b"after the failure"])
     assert seq == 5 and journal._active is not first_segment
