@@ -9,6 +9,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 from api_helpers import Api, PhantomSeries, api_settings
 
 
@@ -102,12 +104,23 @@ def test_click_of_a_client_that_disconnected_is_cancelled(make_api: Any, tmp_pat
         server.stop()
 
 
-def test_running_one_shot_is_recorded_as_running(make_api: Any, tmp_path: Any, phantom: PhantomSeries) -> None:
+def test_running_one_shot_is_recorded_as_running(make_api: Any, tmp_path: Any, phantom: PhantomSeries,
+                                                 segmenter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart reports a job that was running as interrupted while running (it said 'was queued')."""
     import shutil
 
     from node.outbox import recover_results
 
+    # The model call waits until the record has been seen saying "running": with the session's embeddings
+    # cached, a 2D click can otherwise finish between two looks at the record.
+    seen_running = threading.Event()
+    real_segment = segmenter.segment
+
+    def held_segment(*args: Any, **kwargs: Any) -> Any:
+        seen_running.wait(60)
+        return real_segment(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter, "segment", held_segment)
     api = make_api(api_settings(tmp_path / "r"), series=[phantom])
     job, release = _blocker(api)
     try:
@@ -132,6 +145,7 @@ def test_running_one_shot_is_recorded_as_running(make_api: Any, tmp_path: Any, p
                     pass
                 if "running" in seen:
                     shutil.copytree(record.parent, tmp_path / "at-crash-running" / rid, dirs_exist_ok=True)
+                    seen_running.set()
                     return
                 time.sleep(0.001)
 
@@ -141,6 +155,7 @@ def test_running_one_shot_is_recorded_as_running(make_api: Any, tmp_path: Any, p
         watcher.join(70)
     finally:
         release.set()
+        seen_running.set()
     assert "running" in seen, seen[-5:]
     for name, state in (("at-crash-queued", "queued"), ("at-crash-running", "running")):
         recover_results(tmp_path / name, api.store, _NoOutbox())
